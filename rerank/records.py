@@ -1,0 +1,93 @@
+"""Typed, frozen records shared by every stage of the pipeline."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from retrievers.records import Hit, Passage
+
+__all__ = ["Answer", "Hit", "Passage", "Query", "RankedList", "ScoredPassage"]
+
+
+class Query(BaseModel):
+    """A user query. ``qid`` identifies it in runs and result files."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    qid: str = "q0"
+    text: str
+
+    @field_validator("text")
+    @classmethod
+    def _text_not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("query text is empty")
+        return v
+
+
+class ScoredPassage(BaseModel):
+    """A passage with the reranker's view of it.
+
+    Attributes:
+        score: The score the list is ordered by (the calibrated score after reranking).
+        rank: 1-based rank by ``score``.
+        raw_score: Attention the query paid to the passage, before any bias correction.
+        calibrated_score: The score after positional-bias correction.
+        prompt_position: 0-based slot of the passage in the probe prompt (None when not probed).
+        first_stage_score: The retriever's score, kept for fusion and for inspection.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    passage: Passage
+    score: float
+    rank: int = Field(ge=1)
+    raw_score: float | None = None
+    calibrated_score: float | None = None
+    prompt_position: int | None = None
+    first_stage_score: float | None = None
+
+
+class RankedList(BaseModel):
+    """The result of ranking passages for one query, best first."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    query: Query
+    items: tuple[ScoredPassage, ...]
+    info: dict[str, Any] = Field(default_factory=dict)
+
+    def top_k(self, k: int) -> RankedList:
+        """Return the best ``k`` items as a new list."""
+        if k < 0:
+            raise ValueError(f"k must be >= 0, got {k}")
+        return self.model_copy(update={"items": self.items[:k]})
+
+    @property
+    def passages(self) -> list[Passage]:
+        return [it.passage for it in self.items]
+
+    @property
+    def ids(self) -> list[str]:
+        return [it.passage.id for it in self.items]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+class Answer(BaseModel):
+    """What :meth:`rerank.pipeline.Pipeline.run` returns for one query."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    query: Query
+    text: str | None
+    passages_used: tuple[Passage, ...]
+    ranking: RankedList
+    timings: dict[str, float] = Field(default_factory=dict)
+
+    @property
+    def scores(self) -> dict[str, float]:
+        return {it.passage.id: it.score for it in self.ranking.items}
