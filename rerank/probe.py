@@ -1,0 +1,344 @@
+"""Reading query-to-passage attention during a prefill, without an N x N attention tensor.
+
+A registered ``transformers`` attention function (``attn_probe``) runs the normal sdpa kernel for every
+layer and, for the layers being probed, also computes ``softmax(q . K^T * scale)`` for the last ``m``
+query rows only (the query tokens), against all keys: m x N memory instead of N x N. Once the last
+probed layer has been read, the forward pass is stopped (early exit): later layers never run.
+
+One probe of a prompt is up to three forward calls sharing one KV cache:
+  1. the prefix (instruction + passages), plain sdpa;
+  2. the query suffix (late instruction + query + assistant header), capturing its rows;
+  3. optionally the same suffix with the content-free query ``N/A`` after cropping the cache back to
+     the prefix (ICR's calibration pass), capturing its rows.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
+
+from rerank.model import LoadedModel
+from rerank.prompt import NA_QUERY, ProbePrompt, PromptTemplate, build_prompt
+from rerank.records import Passage
+from rerank.scoring import PassageStats
+
+ATTN_NAME = "attn_probe"
+
+# Architectures whose attention layers call the pluggable attention interface with the arguments this
+# probe relies on (module.layer_idx, a scaling, post-RoPE keys). Tested: llama, qwen2, mistral, gemma3.
+SUPPORTED_MODEL_TYPES = frozenset(
+    {
+        "llama",
+        "qwen2",
+        "qwen3",
+        "mistral",
+        "gemma",
+        "gemma2",
+        "gemma3",
+        "gemma3_text",
+        "phi3",
+        "olmo2",
+        "granite",
+    }
+)
+
+
+class _StopForward(Exception):
+    """Raised after the last probed layer to skip the rest of the forward pass."""
+
+
+@dataclass
+class _Capture:
+    layers: frozenset[int]
+    heads: tuple[int, ...] | None
+    stop_after: int | None
+    # layer -> (heads, kv_len) mean over captured rows, float32
+    out: dict[int, torch.Tensor]
+    capture: bool = True
+    total: int = 0  # absolute sequence length at this call (past + new tokens)
+
+
+_ACTIVE: contextvars.ContextVar[_Capture | None] = contextvars.ContextVar("attn_probe_capture", default=None)
+
+
+def _probe_rows(
+    module: Any, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float
+) -> torch.Tensor:
+    """Softmax attention of all query rows of this call against all keys: (heads, kv_len), mean over rows.
+
+    Shapes: query (1, Hq, m, d); key (1, Hkv, N, d), already rotated (post-RoPE). Grouped KV heads are
+    repeated to match the query heads. Rows are upcast to fp32 first: bf16 logits lose precision.
+    """
+    groups = query.shape[1] // key.shape[1]
+    k = repeat_kv(key, groups) if groups > 1 else key
+    q = query[0].float()
+    k = k[0].float()
+    logits = torch.matmul(q, k.transpose(-1, -2)) * scaling  # (H, m, N)
+    m, n = logits.shape[-2], logits.shape[-1]
+    if attention_mask is not None:
+        mask = attention_mask[0, :, -m:, :n]
+        if mask.dtype == torch.bool:
+            logits = logits.masked_fill(~mask, float("-inf"))
+        else:
+            logits = logits + mask.float()
+    else:
+        # Causal: row i of this call sits at absolute position n - m + i.
+        rows = torch.arange(n - m, n, device=logits.device)[:, None]
+        cols = torch.arange(n, device=logits.device)[None, :]
+        logits = logits.masked_fill(cols > rows, float("-inf"))
+    soft_cap = getattr(getattr(module, "config", None), "attn_logit_softcapping", None)
+    if soft_cap:
+        logits = torch.tanh(logits / soft_cap) * soft_cap
+    return torch.softmax(logits, dim=-1).mean(dim=1)  # (H, N)
+
+
+def _attn_probe_forward(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, Any]:
+    cap = _ACTIVE.get()
+    layer = getattr(module, "layer_idx", None)
+    soft_cap = kwargs.pop("softcap", None)
+    if cap is not None and cap.capture and layer in cap.layers:
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        rows = _probe_rows(module, query, key, attention_mask, scale)
+        # A sliding-window cache hands over only the most recent keys; earlier positions got no attention.
+        if rows.shape[-1] < cap.total:
+            rows = torch.nn.functional.pad(rows, (cap.total - rows.shape[-1], 0))
+        cap.out[layer] = rows
+    if soft_cap is not None:
+        out = _eager_softcap(module, query, key, value, attention_mask, scaling, soft_cap)
+    else:
+        out = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    if cap is not None and cap.stop_after is not None and layer == cap.stop_after:
+        raise _StopForward
+    return out
+
+
+def _eager_softcap(module, query, key, value, attention_mask, scaling, soft_cap):  # type: ignore[no-untyped-def]
+    # sdpa has no logit soft-capping (Gemma-2); compute that layer plainly.
+    groups = query.shape[1] // key.shape[1]
+    k, v = repeat_kv(key, groups), repeat_kv(value, groups)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    w = torch.matmul(query, k.transpose(2, 3)) * scale
+    w = torch.tanh(w / soft_cap) * soft_cap
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            w = w.masked_fill(~attention_mask[..., : k.shape[-2]], float("-inf"))
+        else:
+            w = w + attention_mask[..., : k.shape[-2]]
+    w = torch.softmax(w.float(), dim=-1).to(query.dtype)
+    return torch.matmul(w, v).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTN_NAME, _attn_probe_forward)
+AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+
+
+def check_supported(model: Any) -> None:
+    """Raise a clear error for a model the probe cannot read."""
+    cfg = model.config
+    if getattr(cfg, "is_encoder_decoder", False):
+        raise ValueError(f"'{cfg.model_type}' is an encoder-decoder model; the probe needs a decoder-only LM")
+    if cfg.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"model type '{cfg.model_type}' is not supported by the attention probe; supported: "
+            f"{', '.join(sorted(SUPPORTED_MODEL_TYPES))}"
+        )
+
+
+@dataclass
+class ProbeOutput:
+    """What one probe of one prompt yields.
+
+    Attributes:
+        layers: The probed layer indices, in order.
+        query_tok: (layers, prefix_len) attention each prefix token receives from the query tokens,
+            averaged over query tokens and summed over the selected heads.
+        na_tok: The same for the content-free ``N/A`` query, or None.
+        query_head: (layers, heads, passages) attention per passage block per head (sum over its tokens).
+        na_head: The same for ``N/A``, or None.
+        spans: Token span of each passage block, in prompt order.
+        prompt: The prompt that was probed.
+    """
+
+    layers: tuple[int, ...]
+    query_tok: np.ndarray
+    na_tok: np.ndarray | None
+    query_head: np.ndarray
+    na_head: np.ndarray | None
+    spans: tuple[tuple[int, int], ...]
+    prompt: ProbePrompt
+
+
+class AttentionProbe:
+    """Runs probe passes over a loaded model.
+
+    Args:
+        model: The loaded model (its attention kernel is switched to ``attn_probe``).
+        layers: Inclusive ``(first, last)`` range to read; None = all layers.
+        heads: Head indices summed into the token scores; None = all heads.
+        early_exit: Stop the forward pass after the last probed layer.
+    """
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        *,
+        layers: tuple[int, int] | None = None,
+        heads: Sequence[int] | None = None,
+        early_exit: bool = True,
+    ) -> None:
+        check_supported(model.model)
+        self.m = model
+        n = model.num_layers
+        first, last = layers if layers is not None else (0, n - 1)
+        if last >= n:
+            raise ValueError(f"layers [{first}, {last}] out of range: the model has {n} layers (0..{n - 1})")
+        self.layers = tuple(range(first, last + 1))
+        if heads is not None:
+            bad = [h for h in heads if not 0 <= h < model.num_heads]
+            if bad:
+                raise ValueError(f"head indices {bad} out of range: the model has {model.num_heads} heads")
+        self.heads = tuple(heads) if heads is not None else None
+        self.early_exit = early_exit
+        if model.model.config._attn_implementation != ATTN_NAME:
+            model.model.set_attn_implementation(ATTN_NAME)
+
+    @property
+    def max_tokens(self) -> int:
+        return int(getattr(self.m.model.config, "max_position_embeddings", 4096))
+
+    def _forward(self, ids: Sequence[int], cache: Any, capture: bool) -> dict[int, torch.Tensor]:
+        cap = _Capture(
+            layers=frozenset(self.layers),
+            heads=self.heads,
+            stop_after=self.layers[-1] if self.early_exit else None,
+            out={},
+            capture=capture,
+            total=(cache.get_seq_length() if cache is not None else 0) + len(ids),
+        )
+        token = _ACTIVE.set(cap)
+        try:
+            x = torch.tensor([list(ids)], device=self.m.device)
+            past = cache.get_seq_length() if cache is not None else 0
+            pos = torch.arange(past, past + x.shape[1], device=self.m.device)[None]
+            with torch.inference_mode():
+                try:
+                    self.m.model.model(input_ids=x, cache=cache, use_cache=True, position_ids=pos)
+                except _StopForward:
+                    pass
+        finally:
+            _ACTIVE.reset(token)
+        return cap.out
+
+    def run_prompt(self, prompt: ProbePrompt, na_prompt: ProbePrompt | None = None) -> ProbeOutput:
+        """Probe one tokenised prompt (and optionally its ``N/A`` twin, reusing the prefix's KV cache)."""
+        from transformers import DynamicCache
+
+        if prompt.num_tokens > self.max_tokens:
+            raise ValueError(
+                f"prompt has {prompt.num_tokens} tokens but the model's context is {self.max_tokens}; "
+                "lower probe.window_size or probe.passage_max_tokens"
+            )
+        p = prompt.prefix_len
+        cache = DynamicCache(config=self.m.model.config)
+        self._forward(prompt.input_ids[:p], cache, capture=False)
+        # Sliding-window cache layers drop old states and cannot be cropped back; copy those instead.
+        sliding = any("Sliding" in type(layer).__name__ for layer in getattr(cache, "layers", []))
+        spare = copy.deepcopy(cache) if (na_prompt is not None and sliding) else None
+        q_rows = self._forward(prompt.input_ids[p:], cache, capture=True)
+        na_rows = None
+        if na_prompt is not None:
+            if tuple(na_prompt.input_ids[: na_prompt.prefix_len]) != tuple(prompt.input_ids[:p]):
+                raise RuntimeError("N/A prompt does not share the query prompt's prefix tokens")
+            if spare is not None:
+                cache = spare
+            else:
+                cache.crop(-(prompt.num_tokens - p))
+            na_rows = self._forward(na_prompt.input_ids[p:], cache, capture=True)
+        return self._collect(prompt, q_rows, na_rows)
+
+    def _collect(
+        self, prompt: ProbePrompt, q_rows: dict[int, torch.Tensor], na_rows: dict[int, torch.Tensor] | None
+    ) -> ProbeOutput:
+        p = prompt.prefix_len
+
+        def stack(rows: dict[int, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+            per_head = torch.stack([rows[layer][:, :p] for layer in self.layers])  # (L, H, p)
+            sel = per_head if self.heads is None else per_head[:, list(self.heads)]
+            tok = sel.sum(dim=1).cpu().numpy()
+            head = np.stack(
+                [per_head[:, :, s:e].sum(dim=-1).cpu().numpy() for s, e in prompt.spans], axis=-1
+            )  # (L, H, P)
+            return tok, head
+
+        q_tok, q_head = stack(q_rows)
+        na_tok = na_head = None
+        if na_rows is not None:
+            na_tok, na_head = stack(na_rows)
+        return ProbeOutput(self.layers, q_tok, na_tok, q_head, na_head, prompt.spans, prompt)
+
+    def probe(
+        self,
+        query: str,
+        passages: Sequence[Passage],
+        *,
+        content_free: bool = True,
+        max_passage_tokens: int = 300,
+        template: PromptTemplate | None = None,
+    ) -> ProbeOutput:
+        """Build the prompt for ``passages`` (in the given order) and probe it."""
+        prompt = build_prompt(
+            self.m.tokenizer, query, passages, max_passage_tokens=max_passage_tokens, template=template
+        )
+        na = None
+        if content_free:
+            na = build_prompt(
+                self.m.tokenizer, NA_QUERY, passages, max_passage_tokens=max_passage_tokens, template=template
+            )
+        return self.run_prompt(prompt, na)
+
+
+def reference_rows(model: LoadedModel, ids: Sequence[int], m: int) -> dict[int, torch.Tensor]:
+    """Eager-attention reference for tests: (heads, N) mean of the last ``m`` rows, every layer.
+
+    Uses ``output_attentions`` with the eager kernel (N x N memory), so only for short prompts.
+    """
+    mm = model.model
+    old = mm.config._attn_implementation
+    mm.set_attn_implementation("eager")
+    try:
+        with torch.inference_mode():
+            out = mm(input_ids=torch.tensor([list(ids)], device=model.device), output_attentions=True)
+    finally:
+        mm.set_attn_implementation(old)
+    return {i: a[0, :, -m:, :].float().mean(dim=1) for i, a in enumerate(out.attentions)}
+
+
+def stats_of(out: ProbeOutput) -> PassageStats:
+    """The per-passage arrays of a probe, for scoring."""
+    lengths = np.array([e - s for s, e in out.spans], dtype=np.float64)
+    return PassageStats(
+        layers=out.layers,
+        query=out.query_head,
+        na=out.na_head,
+        lengths=lengths,
+        query_tok=out.query_tok,
+        na_tok=out.na_tok,
+        spans=out.spans,
+    )

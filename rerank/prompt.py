@@ -1,0 +1,132 @@
+"""The probe prompt: ``[instruction, passages, late instruction + query, assistant header]``.
+
+The same layout feeds the generator, so the probe scores the very context the generator reads.
+Token spans come from ONE tokenisation of the full chat-formatted prompt with offset mapping: a
+passage's block is every token that overlaps its characters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from rerank.records import Passage
+
+NA_QUERY = "N/A"
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """Wording of the prompt. ``{query}`` is filled in ``late``."""
+
+    head: str = "Here are some numbered passages.\n\n"
+    passage: str = "[{n}] {body}\n\n"
+    late: str = "Find the passages above that are relevant to the following query.\n\nQuery: {query}"
+    system: str | None = None
+
+    def body(self, passage: Passage, text: str) -> str:
+        return f"{passage.title}: {text}" if passage.title else text
+
+
+@dataclass(frozen=True)
+class ProbePrompt:
+    """A tokenised probe prompt.
+
+    Attributes:
+        input_ids: Token ids of the whole prompt.
+        spans: ``[start, end)`` token span of each passage block, in prompt order.
+        prefix_len: Tokens before the late instruction; the passages all lie in the prefix, which a
+            content-free (``N/A``) pass can reuse from the KV cache.
+        text: The prompt text (for inspection and for the generator).
+        truncated: Per passage, whether it was cut to the token budget.
+    """
+
+    input_ids: tuple[int, ...]
+    spans: tuple[tuple[int, int], ...]
+    prefix_len: int
+    text: str
+    truncated: tuple[bool, ...]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def query_len(self) -> int:
+        return len(self.input_ids) - self.prefix_len
+
+
+def truncate_text(tokenizer: Any, text: str, max_tokens: int) -> tuple[str, bool]:
+    """Cut ``text`` to its first ``max_tokens`` tokens, at a token boundary in the original string."""
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    offsets = enc["offset_mapping"]
+    if len(offsets) <= max_tokens:
+        return text, False
+    return text[: offsets[max_tokens - 1][1]], True
+
+
+def _chat_wrap(tokenizer: Any, content: str, system: str | None) -> tuple[str, int]:
+    """Format ``content`` as one user turn plus the assistant header; return text and content offset."""
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": content}]
+        if system is not None:
+            messages.insert(0, {"role": "system", "content": system})
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    else:
+        text = content + "\n"
+    start = text.find(content)
+    if start < 0:
+        raise ValueError("the chat template altered the prompt content; cannot locate passage spans")
+    return text, start
+
+
+def build_prompt(
+    tokenizer: Any,
+    query: str,
+    passages: Sequence[Passage],
+    *,
+    max_passage_tokens: int = 300,
+    template: PromptTemplate | None = None,
+) -> ProbePrompt:
+    """Build and tokenise the probe prompt for ``passages`` in the given order.
+
+    Raises:
+        ValueError: No passages, or a passage block could not be located in the tokens.
+    """
+    template = template or PromptTemplate()
+    if not passages:
+        raise ValueError("build_prompt needs at least one passage")
+    pieces = [template.head]
+    char_spans = []
+    truncated = []
+    pos = len(template.head)
+    for n, p in enumerate(passages, start=1):
+        text, cut = truncate_text(tokenizer, p.text, max_passage_tokens)
+        truncated.append(cut)
+        block = template.passage.format(n=n, body=template.body(p, text))
+        # The span excludes the trailing blank line, which belongs to no passage.
+        stripped = block.rstrip("\n")
+        char_spans.append((pos, pos + len(stripped)))
+        pieces.append(block)
+        pos += len(block)
+    late_start = pos
+    pieces.append(template.late.format(query=query))
+    content = "".join(pieces)
+    text, offset = _chat_wrap(tokenizer, content, template.system)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = enc["input_ids"]
+    offsets = enc["offset_mapping"]
+    spans = []
+    for s, e in char_spans:
+        s, e = s + offset, e + offset
+        toks = [i for i, (a, b) in enumerate(offsets) if a < e and b > s]
+        if not toks:
+            raise ValueError("a passage block has no tokens; check the tokenizer's offset mapping")
+        spans.append((toks[0], toks[-1] + 1))
+    late_char = late_start + offset
+    prefix_len = next((i for i, (a, _) in enumerate(offsets) if a >= late_char), len(ids))
+    # A token straddling the boundary belongs to the query side; the passages must end before it.
+    if spans[-1][1] > prefix_len:
+        raise ValueError("last passage overlaps the query section; add a separator to the template")
+    return ProbePrompt(tuple(ids), tuple(spans), prefix_len, text, tuple(truncated))

@@ -1,0 +1,103 @@
+"""From captured attention to one score per passage.
+
+Works on small arrays only: per layer, per head, per passage sums of attention, so any layer range,
+head subset and aggregation can be re-scored without another forward pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class PassageStats:
+    """Attention mass per (layer, head, passage) for the query and the content-free (N/A) pass.
+
+    Attributes:
+        layers: The model layer index of each row.
+        query: (layers, heads, passages) sum over the passage's tokens of the query tokens' mean attention.
+        na: The same for the ``N/A`` query, or None when no content-free pass was run.
+        lengths: Tokens per passage block.
+        query_tok: Optional (layers, tokens) token-level scores for the ICR token filter.
+        na_tok: The same for ``N/A``.
+        spans: Token spans, needed with the token-level scores.
+    """
+
+    layers: tuple[int, ...]
+    query: np.ndarray
+    na: np.ndarray | None
+    lengths: np.ndarray
+    query_tok: np.ndarray | None = None
+    na_tok: np.ndarray | None = None
+    spans: tuple[tuple[int, int], ...] | None = None
+
+    @property
+    def num_passages(self) -> int:
+        return int(self.query.shape[-1])
+
+
+def _layer_index(stats: PassageStats, layers: tuple[int, int] | None) -> list[int]:
+    if layers is None:
+        return list(range(len(stats.layers)))
+    idx = [i for i, layer in enumerate(stats.layers) if layers[0] <= layer <= layers[1]]
+    if not idx:
+        raise ValueError(
+            f"layers {list(layers)} were not probed (probed: {stats.layers[0]}..{stats.layers[-1]})"
+        )
+    return idx
+
+
+def passage_scores(
+    stats: PassageStats,
+    *,
+    kind: str = "raw",
+    layers: tuple[int, int] | None = None,
+    heads: Sequence[int] | None = None,
+    aggregation: str = "mean",
+) -> np.ndarray:
+    """Score each passage (prompt order).
+
+    Args:
+        kind: ``raw`` (query attention) or ``nacal`` (query minus ``N/A`` attention, token by token).
+        layers: Inclusive layer range to sum; None = every probed layer.
+        heads: Heads to sum; None = all.
+        aggregation: ``sum`` over the block's tokens, ``mean`` per token (long passages are not favoured),
+            or ``icr``: drop tokens scoring below mean - 2 std over all passage tokens, then sum.
+    """
+    li = _layer_index(stats, layers)
+    if kind not in ("raw", "nacal"):
+        raise ValueError(f"unknown score kind '{kind}'; choose one of: nacal, raw")
+    if kind == "nacal" and stats.na is None:
+        raise ValueError("N/A-calibrated scores need the content-free pass (probe with content_free=True)")
+    if aggregation == "icr":
+        return _icr_scores(stats, kind, li)
+    if aggregation not in ("sum", "mean"):
+        raise ValueError(f"unknown aggregation '{aggregation}'; choose one of: icr, mean, sum")
+    hs = slice(None) if heads is None else list(heads)
+    s = stats.query[li][:, hs].sum(axis=(0, 1))
+    if kind == "nacal":
+        s = s - stats.na[li][:, hs].sum(axis=(0, 1))
+    if aggregation == "mean":
+        s = s / np.maximum(stats.lengths, 1)
+    return s.astype(np.float64)
+
+
+def _icr_scores(stats: PassageStats, kind: str, li: list[int]) -> np.ndarray:
+    if stats.query_tok is None or stats.spans is None:
+        raise ValueError("the icr aggregation needs token-level scores; probe with keep_tokens=True")
+    tok = stats.query_tok[li].sum(axis=0)
+    if kind == "nacal":
+        tok = tok - stats.na_tok[li].sum(axis=0)
+    body = np.concatenate([tok[s:e] for s, e in stats.spans])
+    cut = body.mean() - 2 * body.std()
+    return np.array([float(np.where(tok[s:e] >= cut, tok[s:e], 0.0).sum()) for s, e in stats.spans])
+
+
+def zscore(x: np.ndarray) -> np.ndarray:
+    """Standardise; a constant vector maps to zeros."""
+    x = np.asarray(x, dtype=np.float64)
+    sd = x.std()
+    return (x - x.mean()) / sd if sd > 0 else np.zeros_like(x)

@@ -1,0 +1,212 @@
+"""The attention probe on the real SmolLM2 and on tiny random-weight models of other families."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from rerank.config import ModelConfig, ProbeConfig
+from rerank.model import load_model, wrap_model
+from rerank.probe import AttentionProbe, check_supported, reference_rows
+from rerank.prompt import NA_QUERY, build_prompt
+from rerank.records import Passage
+
+PASSAGES = [
+    Passage(
+        id="eiffel",
+        title="Eiffel Tower",
+        text="The Eiffel Tower is a wrought-iron lattice tower in Paris, built in 1889.",
+    ),
+    Passage(id="photo", text="Photosynthesis converts light energy into chemical energy stored in sugars."),
+    Passage(
+        id="python",
+        text="Python is a programming language created by Guido van Rossum and first released in 1991.",
+    ),
+    Passage(
+        id="vaccine",
+        text="Vaccines train the immune system to recognise a pathogen without causing the disease.",
+    ),
+]
+QUERY = "who created the python programming language"
+
+
+@pytest.fixture(scope="module")
+def smol32():
+    return load_model(ModelConfig(dtype="float32"))
+
+
+def _tiny(kind: str, tokenizer):
+    """A tiny random-weight model of another family, built locally from a config (no download)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        max_position_embeddings=2048,
+    )
+    if kind == "qwen2":
+        from transformers import Qwen2Config
+
+        cfg = Qwen2Config(num_key_value_heads=2, **common)  # grouped-query attention
+    elif kind == "mistral":
+        from transformers import MistralConfig
+
+        cfg = MistralConfig(num_key_value_heads=1, sliding_window=48, **common)
+    elif kind == "gemma3":
+        from transformers import Gemma3TextConfig
+
+        cfg = Gemma3TextConfig(
+            num_key_value_heads=2,
+            head_dim=16,
+            sliding_window=32,
+            layer_types=["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
+            **common,
+        )
+    else:
+        raise ValueError(kind)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="sdpa")
+    return wrap_model(model, tokenizer, f"tiny-{kind}")
+
+
+def _max_row_error(m, layers=None):
+    probe = AttentionProbe(m, layers=layers, early_exit=False)
+    out = probe.probe(QUERY, PASSAGES)
+    ref = reference_rows(m, out.prompt.input_ids, out.prompt.query_len)
+    p = out.prompt.prefix_len
+    return max(
+        float(np.abs(ref[layer][:, :p].sum(0).numpy() - out.query_tok[i]).max())
+        for i, layer in enumerate(out.layers)
+    ), out
+
+
+def test_rows_equal_eager_smollm2(smol32):
+    err, out = _max_row_error(smol32)
+    assert len(out.layers) == smol32.num_layers
+    assert err < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "mistral", "gemma3"])
+def test_rows_equal_eager_other_families(smol32, kind):
+    m = _tiny(kind, smol32.tokenizer)
+    err, out = _max_row_error(m)
+    assert out.prompt.num_tokens > 48, "the prompt must be longer than the sliding windows under test"
+    assert err < 1e-4
+
+
+def test_sliding_window_is_respected(smol32):
+    # In a sliding layer, query rows must give zero attention to keys beyond the window.
+    m = _tiny("gemma3", smol32.tokenizer)
+    out = AttentionProbe(m, early_exit=False).probe(QUERY, PASSAGES, content_free=False)
+    n = out.prompt.num_tokens
+    first_query_pos = out.prompt.prefix_len
+    # Every query row is at >= first_query_pos, so keys before first_query_pos - 32 + 1 are out of window.
+    assert np.all(out.query_tok[0][: first_query_pos - 32] == 0)
+    assert out.query_tok[3][:10].sum() > 0, "the full-attention layer sees the start"
+    assert n > first_query_pos
+
+
+def test_spans_cover_exactly_each_passage(smol32):
+    tok = smol32.tokenizer
+    pr = build_prompt(tok, QUERY, PASSAGES)
+    for (s, e), p in zip(pr.spans, PASSAGES, strict=True):
+        text = tok.decode(pr.input_ids[s:e])
+        assert p.text in text
+        assert text.strip().startswith("[")
+        assert "\n\n" not in text.strip()
+    # Spans are disjoint, in order, and all before the query section.
+    ends = [e for _, e in pr.spans]
+    starts = [s for s, _ in pr.spans]
+    assert all(e <= s for e, s in zip(ends, starts[1:], strict=False))
+    assert ends[-1] <= pr.prefix_len
+
+
+def test_na_pass_with_kv_reuse_equals_full_prefill(smol32):
+    out = AttentionProbe(smol32, early_exit=False).probe(QUERY, PASSAGES)
+    na = build_prompt(smol32.tokenizer, NA_QUERY, PASSAGES)
+    ref = reference_rows(smol32, na.input_ids, na.query_len)
+    p = out.prompt.prefix_len
+    err = max(
+        float(np.abs(ref[layer][:, :p].sum(0).numpy() - out.na_tok[i]).max())
+        for i, layer in enumerate(out.layers)
+    )
+    assert err < 1e-4
+
+
+def test_kv_reuse_on_sliding_model(smol32):
+    m = _tiny("gemma3", smol32.tokenizer)
+    out = AttentionProbe(m, early_exit=False).probe(QUERY, PASSAGES)
+    na = build_prompt(m.tokenizer, NA_QUERY, PASSAGES)
+    ref = reference_rows(m, na.input_ids, na.query_len)
+    p = out.prompt.prefix_len
+    err = max(
+        float(np.abs(ref[layer][:, :p].sum(0).numpy() - out.na_tok[i]).max())
+        for i, layer in enumerate(out.layers)
+    )
+    assert err < 1e-4
+
+
+def test_early_exit_keeps_scores_and_skips_later_layers(smol32):
+    full = AttentionProbe(smol32, early_exit=False).probe(QUERY, PASSAGES)
+    calls = []
+    mlp = smol32.model.model.layers[20].mlp
+    handle = mlp.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        part = AttentionProbe(smol32, layers=(4, 12)).probe(QUERY, PASSAGES)
+    finally:
+        handle.remove()
+    assert part.layers == tuple(range(4, 13))
+    np.testing.assert_allclose(part.query_tok, full.query_tok[4:13], atol=1e-6)
+    np.testing.assert_allclose(part.na_tok, full.na_tok[4:13], atol=1e-6)
+    assert calls == [], "layer 20 ran although the probe stops after layer 12"
+
+
+def test_content_free_calibration_finds_the_answer(smol32):
+    from rerank.reranker import AttentionReranker
+
+    rr = AttentionReranker(smol32, ProbeConfig(window_size=20))
+    ranked = rr.rerank(QUERY, PASSAGES)
+    assert ranked.ids[0] == "python"
+    assert sorted(it.prompt_position for it in ranked.items) == [0, 1, 2, 3]
+    assert all(it.raw_score is not None and it.calibrated_score is not None for it in ranked.items)
+
+
+def test_edge_cases(smol32):
+    from rerank.reranker import AttentionReranker
+
+    rr = AttentionReranker(smol32, ProbeConfig(passage_max_tokens=8))
+    assert len(rr.rerank(QUERY, [])) == 0
+    one = rr.rerank(QUERY, PASSAGES[:1])
+    assert one.ids == ["eiffel"] and one.items[0].rank == 1
+    pr = build_prompt(smol32.tokenizer, QUERY, PASSAGES, max_passage_tokens=8)
+    assert pr.truncated == (True, True, True, True)
+    assert all(e - s <= 8 + 12 for s, e in pr.spans)  # 8 text tokens plus the "[n] title: " header
+    with pytest.raises(ValueError, match="at least one passage"):
+        build_prompt(smol32.tokenizer, QUERY, [])
+    with pytest.raises(ValueError, match="context"):
+        rr.rerank("why " * 9000, PASSAGES[:2])
+    with pytest.raises(ValueError, match="duplicate passage ids"):
+        rr.rerank(QUERY, [PASSAGES[0], PASSAGES[0]])
+
+
+def test_windows_cover_all_candidates(smol32):
+    from rerank.reranker import AttentionReranker
+
+    rr = AttentionReranker(smol32, ProbeConfig(window_size=3, layers=(0, 5)))
+    ranked = rr.rerank(QUERY, PASSAGES * 1 + [Passage(id="x", text="An unrelated sentence about tea.")])
+    assert ranked.info["windows"] == 2
+    assert sorted(ranked.ids) == sorted([p.id for p in PASSAGES] + ["x"])
+
+
+def test_unsupported_model_is_refused(smol32):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=100))
+    with pytest.raises(ValueError, match="not supported"):
+        check_supported(gpt2)
+    with pytest.raises(ValueError, match="out of range"):
+        AttentionProbe(smol32, layers=(0, 99))
