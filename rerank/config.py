@@ -55,6 +55,11 @@ class ProbeConfig(_Frozen):
         layers: Inclusive ``[first, last]`` layer range read by the probe; None = all layers. The
             forward pass stops after ``last``.
         heads: Head indices to read; None = all heads.
+        head_set: Explicit ``[layer, head]`` pairs to read (chosen on held-out data); overrides
+            ``heads``, and the probe then stops after the deepest of these layers.
+        nacal_form: How the content-free (``N/A``) pass corrects the query's attention: ``difference``
+            (ICR: per token, query minus N/A) or ``logratio`` (per head, log query / N/A attention to
+            the passage, standardised over the passages and averaged over heads).
         aggregation: How token scores become a passage score: ``sum``, ``mean`` or ``icr`` (drop
             tokens below mean - 2 std, then sum, as in In-Context Reranking).
         prompt_order: ``reversed`` puts the retriever's best passage last, next to the query;
@@ -72,6 +77,8 @@ class ProbeConfig(_Frozen):
     engine: str = "attention"
     layers: tuple[int, int] | None = None
     heads: tuple[int, ...] | None = None
+    head_set: tuple[tuple[int, int], ...] | None = None
+    nacal_form: Literal["difference", "logratio"] = "difference"
     aggregation: Literal["sum", "mean", "icr"] = "mean"
     prompt_order: Literal["reversed", "retriever"] = "reversed"
     passage_max_tokens: int = Field(default=300, ge=1)
@@ -84,7 +91,17 @@ class ProbeConfig(_Frozen):
     def _check_layers(self) -> ProbeConfig:
         if self.layers is not None and not (0 <= self.layers[0] <= self.layers[1]):
             raise ValueError(f"layers must be [first, last] with 0 <= first <= last, got {list(self.layers)}")
+        if self.head_set is not None and not self.head_set:
+            raise ValueError("head_set must name at least one [layer, head] pair, or be omitted")
         return self
+
+    @property
+    def layer_range(self) -> tuple[int, int] | None:
+        """The layers the probe must read: ``layers``, or the span of ``head_set``."""
+        if self.head_set is not None:
+            ls = [layer for layer, _ in self.head_set]
+            return (min(ls), max(ls))
+        return self.layers
 
 
 class CalibrationConfig(_Frozen):

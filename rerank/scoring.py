@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+SCORE_KINDS = ("raw", "nacal", "logratio")
+
 
 @dataclass(frozen=True)
 class PassageStats:
@@ -57,21 +59,31 @@ def passage_scores(
     layers: tuple[int, int] | None = None,
     heads: Sequence[int] | None = None,
     aggregation: str = "mean",
+    head_set: Sequence[tuple[int, int]] | None = None,
 ) -> np.ndarray:
     """Score each passage (prompt order).
 
     Args:
-        kind: ``raw`` (query attention) or ``nacal`` (query minus ``N/A`` attention, token by token).
+        kind: ``raw`` (query attention), ``nacal`` (query minus ``N/A`` attention, token by token) or
+            ``logratio`` (per head, log of query over ``N/A`` attention to the passage, standardised
+            across the passages, averaged over heads: a multiplicative content-free correction in
+            which every selected head votes with equal weight).
         layers: Inclusive layer range to sum; None = every probed layer.
         heads: Heads to sum; None = all.
+        head_set: Explicit ``(layer, head)`` pairs; overrides ``layers`` and ``heads``.
         aggregation: ``sum`` over the block's tokens, ``mean`` per token (long passages are not favoured),
             or ``icr``: drop tokens scoring below mean - 2 std over all passage tokens, then sum.
     """
-    li = _layer_index(stats, layers)
-    if kind not in ("raw", "nacal"):
-        raise ValueError(f"unknown score kind '{kind}'; choose one of: nacal, raw")
-    if kind == "nacal" and stats.na is None:
+    if kind not in SCORE_KINDS:
+        raise ValueError(f"unknown score kind '{kind}'; choose one of: {', '.join(SCORE_KINDS)}")
+    if kind != "raw" and stats.na is None:
         raise ValueError("N/A-calibrated scores need the content-free pass (probe with content_free=True)")
+    if head_set is not None:
+        return _head_set_scores(stats, kind, head_set)
+    li = _layer_index(stats, layers)
+    if kind == "logratio":
+        hs = range(stats.query.shape[1]) if heads is None else heads
+        return _head_set_scores(stats, kind, [(stats.layers[i], h) for i in li for h in hs])
     if aggregation == "icr":
         return _icr_scores(stats, kind, li)
     if aggregation not in ("sum", "mean"):
@@ -83,6 +95,24 @@ def passage_scores(
     if aggregation == "mean":
         s = s / np.maximum(stats.lengths, 1)
     return s.astype(np.float64)
+
+
+def _head_set_scores(stats: PassageStats, kind: str, head_set: Sequence[tuple[int, int]]) -> np.ndarray:
+    pos = {layer: i for i, layer in enumerate(stats.layers)}
+    missing = sorted({layer for layer, _ in head_set if layer not in pos})
+    if missing:
+        raise ValueError(f"head_set names layers {missing} that were not probed")
+    q = np.stack([stats.query[pos[layer], h] for layer, h in head_set])  # (heads, P)
+    if kind == "logratio":
+        # log q - log na: the passage's length cancels, and so does the share of attention its slot
+        # draws whatever the query (the N/A pass sees the same slots).
+        na = np.stack([stats.na[pos[layer], h] for layer, h in head_set])
+        per_head = np.log(q + 1e-9) - np.log(na + 1e-9)
+        return np.mean([zscore(r) for r in per_head], axis=0)
+    s = q.sum(axis=0)
+    if kind == "nacal":
+        s = s - np.stack([stats.na[pos[layer], h] for layer, h in head_set]).sum(axis=0)
+    return (s / np.maximum(stats.lengths, 1)).astype(np.float64)
 
 
 def _icr_scores(stats: PassageStats, kind: str, li: list[int]) -> np.ndarray:

@@ -1,0 +1,295 @@
+"""The reranker API: ``rerank(query, passages, top_k) -> RankedList``. Probe engines are registered.
+
+``attention``  the attention probe (one prefill per window of passages).
+``identity``   keeps the retriever's order: the control every figure should be read against.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from calibration.curve import BiasCurve
+from rerank.calibrators import CALIBRATORS, ScoreSettings
+from rerank.config import CalibrationConfig, ModelConfig, PipelineConfig, ProbeConfig
+from rerank.model import LoadedModel
+from rerank.prompt import PromptTemplate
+from rerank.records import Hit, Passage, Query, RankedList, ScoredPassage
+from rerank.scoring import zscore
+from retrievers.registry import Registry
+
+logger = logging.getLogger(__name__)
+
+PROBE_ENGINES: Registry[Any] = Registry("probe engine")
+CURVES_DIR = Path(__file__).resolve().parent.parent / "calibration" / "curves"
+
+Candidate = Passage | Hit | ScoredPassage
+
+
+def as_query(query: str | Query) -> Query:
+    return query if isinstance(query, Query) else Query(text=query)
+
+
+def split_candidates(cands: Sequence[Candidate]) -> tuple[list[Passage], list[float] | None]:
+    """Passages and (when every candidate has one) first-stage scores, in the given order."""
+    passages, scores = [], []
+    for c in cands:
+        if isinstance(c, Passage):
+            passages.append(c)
+            scores.append(None)
+        elif isinstance(c, Hit):
+            passages.append(c.passage)
+            scores.append(c.score)
+        elif isinstance(c, ScoredPassage):
+            passages.append(c.passage)
+            scores.append(c.first_stage_score if c.first_stage_score is not None else c.score)
+        else:
+            raise TypeError(f"candidates must be Passage, Hit or ScoredPassage, got {type(c).__name__}")
+    ids = [p.id for p in passages]
+    if len(set(ids)) != len(ids):
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        raise ValueError(f"duplicate passage ids among candidates: {dup[:5]}")
+    return passages, (None if any(s is None for s in scores) else [float(s) for s in scores])
+
+
+def resolve_curve_path(name: str) -> Path:
+    p = Path(name)
+    for cand in (CURVES_DIR / p, CURVES_DIR / p.name, p):
+        if cand.is_file():
+            return cand
+    raise FileNotFoundError(f"bias curve '{name}' not found in {CURVES_DIR} or the working directory")
+
+
+def template_id(template: PromptTemplate) -> str:
+    return hashlib.sha256(repr(asdict(template)).encode()).hexdigest()[:12]
+
+
+@PROBE_ENGINES.register("identity")
+class IdentityReranker:
+    """Keeps the first-stage order (a control)."""
+
+    def __init__(self, *_: Any, **__: Any) -> None:
+        pass
+
+    def rerank(
+        self, query: str | Query, passages: Sequence[Candidate], top_k: int | None = None
+    ) -> RankedList:
+        q = as_query(query)
+        ps, fs = split_candidates(passages)
+        n = len(ps)
+        items = tuple(
+            ScoredPassage(
+                passage=p, score=float(n - i), rank=i + 1, first_stage_score=None if fs is None else fs[i]
+            )
+            for i, p in enumerate(ps)
+        )
+        return RankedList(query=q, items=items[:top_k] if top_k is not None else items)
+
+    def rerank_batch(
+        self,
+        queries: Sequence[str | Query],
+        lists: Sequence[Sequence[Candidate]],
+        top_k: int | None = None,
+        show_progress: bool = False,
+    ) -> list[RankedList]:
+        return [self.rerank(q, c, top_k=top_k) for q, c in zip(queries, lists, strict=True)]
+
+
+@PROBE_ENGINES.register("attention")
+class AttentionReranker:
+    """Reranks passages by calibrated query-to-passage attention.
+
+    Args:
+        model: A loaded model (see :func:`rerank.model.load_model`).
+        probe: Probe settings (layers, heads, aggregation, windows).
+        calibration: Which calibrator, and the curve file for the curve calibrators.
+        template: Prompt wording (shared with the generator).
+        curve: An already loaded curve (overrides ``calibration.curve``).
+
+    Raises:
+        KeyError: Unknown calibrator (the message lists the choices).
+        CurveMismatchError: The curve was fitted for another model or probe configuration.
+    """
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        probe: ProbeConfig | None = None,
+        calibration: CalibrationConfig | None = None,
+        *,
+        template: PromptTemplate | None = None,
+        curve: BiasCurve | None = None,
+    ) -> None:
+        from rerank.probe import AttentionProbe
+
+        self.model = model
+        self.cfg = probe or ProbeConfig()
+        self.cal_cfg = calibration or CalibrationConfig()
+        self.calibrator = CALIBRATORS.get(self.cal_cfg.name)
+        self.template = template or PromptTemplate()
+        self.engine = AttentionProbe(model, layers=self.cfg.layer_range, heads=self.cfg.heads)
+        self.curve = curve
+        if self.curve is None and self.calibrator.uses_curve:
+            if not self.cal_cfg.curve:
+                raise ValueError(
+                    f"calibrator '{self.cal_cfg.name}' needs calibration.curve (a fitted curve file)"
+                )
+            self.curve = BiasCurve.load(resolve_curve_path(self.cal_cfg.curve))
+        if self.curve is not None and self.calibrator.uses_curve:
+            self.curve.check_compatible(self.probe_meta())
+
+    @classmethod
+    def from_config(cls, cfg: PipelineConfig, model: LoadedModel | None = None) -> AttentionReranker:
+        from rerank.model import load_model
+
+        return cls(model or load_model(cfg.model), cfg.probe, cfg.calibration)
+
+    def probe_meta(self) -> dict[str, Any]:
+        """Identity of the model and probe settings, as recorded in (and checked against) a curve."""
+        layers = self.engine.layers
+        return {
+            "model_id": self.model.model_id,
+            "weights_hash": self.model.weights_hash,
+            "dtype": self.model.dtype,
+            "layers": [layers[0], layers[-1]],
+            "heads": list(self.cfg.heads) if self.cfg.heads is not None else None,
+            "head_set": [list(p) for p in self.cfg.head_set] if self.cfg.head_set is not None else None,
+            "aggregation": self.cfg.aggregation,
+            "score_kind": ScoreSettings.of(self.cfg).kind(self.calibrator.score_kind),
+            "template": template_id(self.template),
+        }
+
+    def _window_order(self, n: int) -> list[int]:
+        # Candidate i (retriever order) goes to prompt slot order[i]... returned as: slot -> candidate.
+        return list(range(n))[::-1] if self.cfg.prompt_order == "reversed" else list(range(n))
+
+    def score_window(
+        self, query: str, passages: Sequence[Passage]
+    ) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """Probe one window. Returns raw and calibrated scores and prompt slots, in candidate order."""
+        from rerank.probe import stats_of
+
+        slot_to_cand = self._window_order(len(passages))
+        prompt_passages = [passages[c] for c in slot_to_cand]
+        out = self.engine.probe(
+            query,
+            prompt_passages,
+            content_free=self.calibrator.needs_content_free,
+            max_passage_tokens=self.cfg.passage_max_tokens,
+            template=self.template,
+        )
+        settings = ScoreSettings.of(self.cfg)
+        slots = list(range(len(passages)))
+        raw_s, cal_s = self.calibrator(stats_of(out), slots, settings, self.curve)
+        raw = np.empty(len(passages))
+        cal = np.empty(len(passages))
+        pos = [0] * len(passages)
+        for slot, c in enumerate(slot_to_cand):
+            raw[c], cal[c], pos[c] = raw_s[slot], cal_s[slot], slot
+        return raw, cal, pos
+
+    def score_in_prompt_order(self, query: str, passages: Sequence[Passage]) -> np.ndarray:
+        """Calibrated scores of ``passages`` probed in exactly the given prompt order (iterative sorting)."""
+        from rerank.probe import stats_of
+
+        out = self.engine.probe(
+            query,
+            passages,
+            content_free=self.calibrator.needs_content_free,
+            max_passage_tokens=self.cfg.passage_max_tokens,
+            template=self.template,
+        )
+        settings = ScoreSettings.of(self.cfg)
+        return self.calibrator(stats_of(out), list(range(len(passages))), settings, self.curve)[1]
+
+    def _windows(self, n: int) -> list[range]:
+        w = self.cfg.window_size
+        return [range(i, min(i + w, n)) for i in range(0, n, w)]
+
+    def rerank(
+        self,
+        query: str | Query,
+        passages: Sequence[Candidate],
+        top_k: int | None = None,
+    ) -> RankedList:
+        """Rerank ``passages`` (given in first-stage order, best first) for ``query``.
+
+        More candidates than ``probe.window_size`` are split into consecutive windows that share the
+        query; each window's calibrated scores are standardised (``window_merge: zscore``) so that windows
+        compare, then optionally fused with the standardised first-stage scores.
+
+        Raises:
+            ValueError: Duplicate passage ids, or a window that cannot fit the model's context.
+        """
+        q = as_query(query)
+        ps, first = split_candidates(passages)
+        if not ps:
+            return RankedList(query=q, items=(), info={"windows": 0})
+        t0 = time.perf_counter()
+        raw = np.empty(len(ps))
+        cal = np.empty(len(ps))
+        merged = np.empty(len(ps))
+        pos = [0] * len(ps)
+        for win in self._windows(len(ps)):
+            idx = list(win)
+            r, c, p = self.score_window(q.text, [ps[i] for i in idx])
+            raw[idx], cal[idx] = r, c
+            merged[idx] = zscore(c) if self.cfg.window_merge == "zscore" and len(idx) > 1 else c
+            for i, slot in zip(idx, p, strict=True):
+                pos[i] = slot
+        final = merged.copy()
+        if self.cfg.first_stage_weight > 0:
+            # Without first-stage scores, the retriever's rank stands in for them.
+            fs = np.asarray(first) if first is not None else -np.arange(len(ps), dtype=np.float64)
+            final = final + self.cfg.first_stage_weight * zscore(fs)
+        order = sorted(range(len(ps)), key=lambda i: (-final[i], i))
+        items = tuple(
+            ScoredPassage(
+                passage=ps[i],
+                score=float(final[i]),
+                rank=r + 1,
+                raw_score=float(raw[i]),
+                calibrated_score=float(cal[i]),
+                prompt_position=pos[i],
+                first_stage_score=None if first is None else first[i],
+            )
+            for r, i in enumerate(order)
+        )
+        info = {"windows": len(self._windows(len(ps))), "seconds": time.perf_counter() - t0}
+        return RankedList(query=q, items=items[:top_k] if top_k is not None else items, info=info)
+
+    def rerank_batch(
+        self,
+        queries: Sequence[str | Query],
+        lists: Sequence[Sequence[Candidate]],
+        top_k: int | None = None,
+        show_progress: bool = True,
+    ) -> list[RankedList]:
+        """Rerank many queries, with a progress bar."""
+        from tqdm.auto import tqdm
+
+        if len(queries) != len(lists):
+            raise ValueError(f"{len(queries)} queries but {len(lists)} candidate lists")
+        it = zip(queries, lists, strict=True)
+        return [
+            self.rerank(q, c, top_k=top_k)
+            for q, c in tqdm(it, total=len(queries), desc="rerank", unit="q", disable=not show_progress)
+        ]
+
+
+def build_reranker(cfg: PipelineConfig, model: LoadedModel | None = None) -> Any:
+    """The probe engine named by ``cfg.probe.engine``."""
+    engine = PROBE_ENGINES.get(cfg.probe.engine)
+    if engine is IdentityReranker:
+        return IdentityReranker()
+    return engine.from_config(cfg, model)
+
+
+__all__ = ["PROBE_ENGINES", "AttentionReranker", "IdentityReranker", "build_reranker", "ModelConfig"]
