@@ -13,6 +13,7 @@ relative position ``j / (n - 1)`` between the nearest fitted lengths.
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -246,9 +247,12 @@ def fit_curve(
             raise ValueError(f"list length {n}: some slot has no distractor observation; use more samples")
         mean[n] = _smooth(np.nanmean(mat, axis=0))
         sd[n] = _smooth(np.nanstd(mat, axis=0))
-        boots = np.vstack(
-            [np.nanmean(mat[rng.integers(0, len(mat), len(mat))], axis=0) for _ in range(n_bootstrap)]
-        )
+        with warnings.catch_warnings():
+            # A resample can miss a slot's only observations; that resample gives NaN there and is skipped.
+            warnings.simplefilter("ignore", RuntimeWarning)
+            boots = np.vstack(
+                [np.nanmean(mat[rng.integers(0, len(mat), len(mat))], axis=0) for _ in range(n_bootstrap)]
+            )
         lower[n] = np.nanpercentile(boots, 2.5, axis=0)
         upper[n] = np.nanpercentile(boots, 97.5, axis=0)
     meta = dict(meta or {})

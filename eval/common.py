@@ -255,3 +255,21 @@ def write_json(path: str | Path, data: Any) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
     return path
+
+
+def per_query_metric(
+    qrels: Mapping[str, Mapping[str, int]], run: Mapping[str, Mapping[str, float]], measure: str = "ndcg@10"
+) -> dict[str, float]:
+    """``{qid: value}`` of one measure for every judged query of ``run`` (one ``ir_measures`` call)."""
+    import ir_measures
+
+    m = _NAME_RE.match(measure)
+    if not m:
+        raise ValueError(f"unknown measure {measure!r}")
+    parsed = ir_measures.parse_measure(f"{_MEASURES[m.group(1)]}@{m.group(2)}")
+    judged = [q for q in run if q in qrels]
+    out = dict.fromkeys(judged, 0.0)
+    full_run = {q: dict(run[q]) or {"__none__": 0.0} for q in judged}
+    for r in ir_measures.iter_calc([parsed], {q: dict(qrels[q]) for q in judged}, full_run):
+        out[r.query_id] = float(r.value)
+    return out

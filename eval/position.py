@@ -1,0 +1,159 @@
+"""Suite ``position``: is the calibrated score position-blind? NQ-open, gold passage moved over 20 slots.
+
+Each test question's gold passage is placed at every slot of a 20-passage list of hard distractors
+(see ``eval/nq.py``); the probe reads each list once (with the ``N/A`` pass), and every system is scored
+from those same passes:
+
+``probe-raw``           raw attention (calibrator ``none``)
+``probe-nacal``         content-free calibration (ICR)
+``probe-curve``         raw attention corrected by the fitted curve (no extra pass)
+``probe-curve+nacal``   N/A-calibrated score corrected by a curve fitted on such scores
+``bm25``                BM25 order within the list: position-blind by construction, a reference
+
+Metrics: gold recall@1 per slot (``recall@1@pos1`` .. ``@pos20``), per bin of four slots (``@bin1`` ..
+``@bin5``), ``bin_spread`` (max - min over bins), ``recall@1`` (mean), ``mrr``; ``seconds_per_query`` is
+timed separately per calibrator on the same lists (interleaved), since the shared pass runs ``N/A`` for all.
+
+Options (``--opt``): ``questions=N`` (default 300; quick 4), ``config=PATH`` (probe settings; default
+configs/default.yaml), ``curve_raw=PATH``, ``curve_nacal=PATH``, ``timing_lists=N`` (default 20).
+"""
+
+from __future__ import annotations
+
+import time
+from argparse import Namespace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from eval.common import REPO_ROOT, check_opts, get_opt, require_data
+
+N = 20
+BINS = 5
+
+CURVES = REPO_ROOT / "calibration" / "curves"
+
+
+def summarize(ranks: dict[int, list[int]]) -> dict[str, float]:
+    """``ranks[pos]`` = 1-based rank of the gold passage for each question with gold at slot ``pos``."""
+    out: dict[str, float] = {}
+    per_pos = []
+    for pos in range(N):
+        r = np.asarray(ranks[pos])
+        per_pos.append(float((r == 1).mean()))
+        out[f"recall@1@pos{pos + 1}"] = round(per_pos[-1], 4)
+    size = N // BINS
+    bins = [float(np.mean(per_pos[b * size : (b + 1) * size])) for b in range(BINS)]
+    for b, v in enumerate(bins):
+        out[f"recall@1@bin{b + 1}"] = round(v, 4)
+    out["bin_spread"] = round(max(bins) - min(bins), 4)
+    out["recall@1"] = round(float(np.mean(per_pos)), 4)
+    allr = np.concatenate([np.asarray(ranks[p]) for p in range(N)])
+    out["mrr"] = round(float((1.0 / allr).mean()), 4)
+    return out
+
+
+def gold_rank(scores: np.ndarray, gold: int) -> int:
+    # Ties count against the gold passage: a constant score must not look perfect.
+    return int((scores >= scores[gold]).sum())
+
+
+def run(args: Namespace) -> dict[str, Any]:
+    from calibration.curve import BiasCurve
+    from eval.nq import load_nq
+    from eval.probe_stats import ProbeJob, collect
+    from rerank.calibrators import ScoreSettings
+    from rerank.config import CalibrationConfig, load_config
+    from rerank.model import load_model
+    from rerank.reranker import AttentionReranker
+    from rerank.scoring import passage_scores
+    from retrievers.bm25 import BM25Retriever
+
+    opts = getattr(args, "opts", {}) or {}
+    check_opts(opts, ["questions", "config", "curve_raw", "curve_nacal", "timing_lists"])
+    require_data(args.data_dir, "nq-open-oracle")
+    n_q = int(get_opt(opts, "questions", 4 if args.quick else 300))
+    cfg = load_config(Path(get_opt(opts, "config", str(REPO_ROOT / "configs" / "default.yaml"))))
+    curve_raw = BiasCurve.load(get_opt(opts, "curve_raw", str(CURVES / "smollm2-135m-raw.json")))
+    curve_na = BiasCurve.load(get_opt(opts, "curve_nacal", str(CURVES / "smollm2-135m-nacal.json")))
+    model = load_model(cfg.model)
+    probe_cfg = cfg.probe
+    for c, kind in ((curve_raw, "raw"), (curve_na, "nacal")):
+        rr = AttentionReranker(
+            model, probe_cfg, CalibrationConfig(name="none" if kind == "raw" else "content-free")
+        )
+        c.check_compatible(rr.probe_meta())
+    test, _ = load_nq(args.data_dir)
+    test = test[:n_q]
+    jobs = [
+        ProbeJob(f"{it.qid}:{pos}", it.question, tuple(it.with_gold_at(pos, N)))
+        for it in test
+        for pos in range(N)
+    ]
+    last = probe_cfg.layer_range[1] if probe_cfg.layer_range else None
+    stats, _ = collect(
+        model,
+        jobs,
+        cache_dir=REPO_ROOT / "results" / "cache" / "nq",
+        max_passage_tokens=probe_cfg.passage_max_tokens,
+        last_layer=last,
+        desc="position sweep",
+    )
+    settings = ScoreSettings.of(probe_cfg)
+    kw = {"layers": probe_cfg.layers, "heads": probe_cfg.heads, "aggregation": probe_cfg.aggregation}
+    kw["head_set"] = probe_cfg.head_set
+    names = ["probe-raw", "probe-nacal", "probe-curve", "probe-curve+nacal", "bm25"]
+    ranks: dict[str, dict[int, list[int]]] = {s: {p: [] for p in range(N)} for s in names}
+    for it in test:
+        for pos in range(N):
+            st = stats[f"{it.qid}:{pos}"]
+            raw = passage_scores(st, kind="raw", **kw)
+            na = passage_scores(st, kind=settings.kind("nacal"), **kw)
+            ranks["probe-raw"][pos].append(gold_rank(raw, pos))
+            ranks["probe-nacal"][pos].append(gold_rank(na, pos))
+            ranks["probe-curve"][pos].append(gold_rank(curve_raw.apply(raw), pos))
+            ranks["probe-curve+nacal"][pos].append(gold_rank(curve_na.apply(na), pos))
+        bm = BM25Retriever(backend="bm25s")
+        passages = it.with_gold_at(0, N)
+        bm.index(passages, show_progress=False)
+        s = bm.scores(it.question)
+        r = gold_rank(np.asarray(s), 0)
+        for pos in range(N):
+            ranks["bm25"][pos].append(r)
+    systems = {name: summarize(ranks[name]) for name in names}
+    # Timing: the four calibrators on the same lists, interleaved, each with its own passes.
+    n_t = int(get_opt(opts, "timing_lists", 4 if args.quick else 20))
+    timers = {
+        "probe-raw": AttentionReranker(model, probe_cfg, CalibrationConfig(name="none")),
+        "probe-nacal": AttentionReranker(model, probe_cfg, CalibrationConfig(name="content-free")),
+        "probe-curve": AttentionReranker(model, probe_cfg, CalibrationConfig(name="curve"), curve=curve_raw),
+        "probe-curve+nacal": AttentionReranker(
+            model, probe_cfg, CalibrationConfig(name="curve+content-free"), curve=curve_na
+        ),
+    }
+    times: dict[str, list[float]] = {k: [] for k in timers}
+    for j in range(n_t):
+        it = test[j % len(test)]
+        passages = it.with_gold_at(j % N, N)
+        for name, rr in timers.items():
+            t0 = time.perf_counter()
+            rr.rerank(it.question, passages)
+            times[name].append(time.perf_counter() - t0)
+    for name, t in times.items():
+        systems[name]["seconds_per_query"] = round(float(np.median(t)), 4)
+    systems["probe-curve"]["time_ratio_vs_raw"] = round(
+        systems["probe-curve"]["seconds_per_query"] / systems["probe-raw"]["seconds_per_query"], 4
+    )
+    return {
+        "dataset": f"nq-open-oracle test split ({len(test)} questions x {N} gold slots, 19 BM25 distractors)",
+        "config": {
+            "model": model.model_id,
+            "dtype": model.dtype,
+            "probe": probe_cfg.model_dump(),
+            "curve_raw_mode": curve_raw.mode,
+            "curve_nacal_mode": curve_na.mode,
+            "timing_lists": n_t,
+        },
+        "systems": systems,
+    }

@@ -1,0 +1,282 @@
+"""Suite ``rerank``: TREC DL19 passage ranking of BM25's top-100 by the attention probe.
+
+Every probe system is scored from one set of forward passes (all layers, with the ``N/A`` pass; see
+``eval/probe_stats.py``), so the variants differ only in how the captured attention is read. The
+``position-prior`` control ranks by prompt slot alone with the same windows and merging: a probe figure
+means something only where it beats this control.
+
+Selection is honest: ``probe-cv`` chooses, for each of 5 query folds, the best variant of the grid on
+the other 4 folds and scores the held-out fold with it. ``probe-default`` is the shipped
+``configs/default.yaml`` configuration, run end to end through :class:`AttentionReranker` (its own
+timing, early exit included).
+
+Options (``--opt``): ``depths=20,100`` candidate depths; ``queries=N`` limit.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from argparse import Namespace
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from eval.common import REPO_ROOT, check_opts, get_opt, ir_metrics, per_query_metric, require_data
+from rerank.records import Passage
+from rerank.scoring import PassageStats, passage_scores, zscore
+
+WINDOW = 20
+METRICS = ("ndcg@10", "mrr@10")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """How to read the captured attention: calibration, layer band, aggregation, fusion with BM25."""
+
+    kind: str  # raw | nacal
+    layers: tuple[int, int] | None
+    aggregation: str
+    bm25_weight: float
+
+    @property
+    def name(self) -> str:
+        lay = "all" if self.layers is None else f"L{self.layers[0]}-{self.layers[1]}"
+        return f"probe-{self.kind}-{lay}-{self.aggregation}-w{self.bm25_weight:g}"
+
+
+def load_dl19(data_dir: Path) -> tuple[list[dict[str, Any]], dict[str, dict[str, int]]]:
+    root = require_data(data_dir, "trec-dl19")
+    runs = json.loads((root / "bm25_top100.json").read_text(encoding="utf-8"))
+    qrels: dict[str, dict[str, int]] = {}
+    for line in (root / "qrels.txt").read_text().splitlines():
+        qid, _, docid, grade = line.split()
+        qrels.setdefault(qid, {})[docid] = int(grade)
+    queries = []
+    for e in runs:
+        hits = e["hits"]
+        queries.append(
+            {
+                "qid": str(hits[0]["qid"]),
+                "query": e["query"],
+                "passages": [Passage(id=str(h["docid"]), text=h["content"]) for h in hits],
+                "bm25": [float(h["score"]) for h in hits],
+            }
+        )
+    return queries, qrels
+
+
+def window_jobs(queries: list[dict[str, Any]], depth: int) -> list[Any]:
+    """Consecutive windows of 20 in BM25 order, each placed best-last in its prompt."""
+    from eval.probe_stats import ProbeJob
+
+    jobs = []
+    for q in queries:
+        ps = q["passages"][:depth]
+        for w in range(0, len(ps), WINDOW):
+            jobs.append(ProbeJob(f"{q['qid']}:{w}", q["query"], tuple(ps[w : w + WINDOW][::-1])))
+    return jobs
+
+
+def _window_scores(st: PassageStats, v: Variant) -> np.ndarray:
+    # Prompt order is reversed BM25 order; return scores in BM25 order.
+    s = passage_scores(st, kind=v.kind, layers=v.layers, aggregation=v.aggregation)
+    return zscore(s[::-1])
+
+
+def fused_scores(
+    q: dict[str, Any], depth: int, stats: dict[str, PassageStats], v: Variant | None
+) -> np.ndarray:
+    """Final scores of the top ``depth`` in BM25 order; ``v=None`` is the position-prior control."""
+    n = min(depth, len(q["passages"]))
+    parts = []
+    for w in range(0, n, WINDOW):
+        m = min(WINDOW, n - w)
+        if v is None:
+            # Best-last prompt: slot m-1-i holds candidate i; the later the slot, the more attention.
+            parts.append(zscore(np.arange(m, 0, -1, dtype=np.float64)))
+        else:
+            parts.append(_window_scores(stats[f"{q['qid']}:{w}"], v))
+    s = np.concatenate(parts)
+    w_bm25 = 0.0 if v is None else v.bm25_weight
+    if w_bm25:
+        s = s + w_bm25 * zscore(np.asarray(q["bm25"][:n]))
+    return s
+
+
+def to_run(queries: list[dict[str, Any]], scores: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    """Rank-derived run scores; passages below the reranked depth keep BM25 order underneath."""
+    run = {}
+    for q in queries:
+        s = scores[q["qid"]]
+        order = sorted(range(len(s)), key=lambda i: (-s[i], i))
+        ids = [q["passages"][i].id for i in order] + [p.id for p in q["passages"][len(s) :]]
+        run[q["qid"]] = {d: float(len(ids) - r) for r, d in enumerate(ids)}
+    return run
+
+
+def per_query_ndcg(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]]) -> dict[str, float]:
+    return per_query_metric(qrels, run, "ndcg@10")
+
+
+def variant_grid(num_layers: int) -> list[Variant]:
+    bands = [None, (0, 11), (6, 17), (12, 23), (18, num_layers - 1), (8, 20)]
+    grid = []
+    for kind, layers, agg, w in itertools.product(
+        ("raw", "nacal"), bands, ("mean", "sum"), (0.0, 0.5, 1.0, 2.0)
+    ):
+        grid.append(Variant(kind, layers, agg, w))
+    for layers, w in itertools.product(bands, (0.0, 0.5, 1.0, 2.0)):
+        grid.append(Variant("logratio", layers, "mean", w))
+    return grid
+
+
+def head_set_scores(
+    q: dict[str, Any], depth: int, stats: dict[str, PassageStats], heads: Any, w: float
+) -> np.ndarray:
+    """Like :func:`fused_scores` for an explicit head set (log-ratio calibration)."""
+    n = min(depth, len(q["passages"]))
+    parts = [
+        zscore(passage_scores(stats[f"{q['qid']}:{s}"], kind="logratio", head_set=heads)[::-1])
+        for s in range(0, n, WINDOW)
+    ]
+    out = np.concatenate(parts)
+    return out + w * zscore(np.asarray(q["bm25"][:n])) if w else out
+
+
+def paired_randomization(
+    a: dict[str, float], b: dict[str, float], trials: int = 10000, seed: int = 0
+) -> float:
+    """Two-sided p-value of mean(a - b) under random sign flips of the per-query differences."""
+    d = np.array([a[q] - b[q] for q in a])
+    rng = np.random.default_rng(seed)
+    obs = abs(d.mean())
+    flips = rng.choice([-1.0, 1.0], size=(trials, len(d)))
+    return float(((np.abs((flips * d).mean(axis=1)) >= obs - 1e-12).sum() + 1) / (trials + 1))
+
+
+def run(args: Namespace) -> dict[str, Any]:
+    from eval.heads import choose
+    from eval.probe_stats import collect
+    from rerank.config import load_config
+    from rerank.model import load_model
+
+    opts = getattr(args, "opts", {}) or {}
+    check_opts(opts, ["depths", "queries", "config"])
+    depths = [int(x) for x in str(get_opt(opts, "depths", "20,100")).split(",")]
+    queries, qrels = load_dl19(args.data_dir)
+    limit = int(get_opt(opts, "queries", 0)) or (6 if args.quick else len(queries))
+    queries = [q for q in queries if q["qid"] in qrels][:limit]
+    if args.quick:
+        depths = [20]
+    cfg = load_config(Path(get_opt(opts, "config", str(REPO_ROOT / "configs" / "default.yaml"))))
+    model = load_model(cfg.model)
+    stats, seconds = collect(
+        model,
+        window_jobs(queries, max(depths)),
+        cache_dir=REPO_ROOT / "results" / "cache" / "dl19",
+        desc="dl19",
+    )
+    grid = variant_grid(model.num_layers)
+    systems: dict[str, dict[str, Any]] = {}
+    per_q: dict[str, dict[str, float]] = {}
+
+    def add(name: str, run_: dict[str, dict[str, float]], sec: float, **extra: Any) -> None:
+        systems[name] = {**ir_metrics(qrels, run_, METRICS), "seconds_per_query": round(sec, 4), **extra}
+        per_q[name] = per_query_ndcg(qrels, run_)
+
+    def scores_run(fn: Any) -> dict[str, dict[str, float]]:
+        return to_run(queries, {q["qid"]: fn(q) for q in queries})
+
+    add("bm25", scores_run(lambda q: np.asarray(q["bm25"], dtype=np.float64)), 0.0)
+    qids = [q["qid"] for q in queries]
+    folds = [list(range(f, len(qids), 5)) for f in range(5)]
+    for depth in depths:
+        nwin = -(-depth // WINDOW)
+        sec = float(np.mean([sum(seconds[f"{q['qid']}:{w * WINDOW}"] for w in range(nwin)) for q in queries]))
+        sfx = f"@{depth}"
+        add("position-prior" + sfx, scores_run(lambda q, d=depth: fused_scores(q, d, stats, None)), 0.0)
+        named = {
+            "probe-raw": Variant("raw", None, "mean", 0.0),
+            "probe-nacal": Variant("nacal", None, "mean", 0.0),
+            "probe-logratio": Variant("logratio", None, "mean", 0.0),
+        }
+        for name, v in named.items():
+            add(name + sfx, scores_run(lambda q, d=depth, v=v: fused_scores(q, d, stats, v)), sec)
+        if cfg.probe.head_set is not None:
+            hs, w = cfg.probe.head_set, cfg.probe.first_stage_weight
+            add(
+                "probe-heads" + sfx,
+                scores_run(lambda q, d=depth, h=hs: head_set_scores(q, d, stats, h, 0.0)),
+                sec,
+            )
+            if w:
+                add(
+                    "probe-heads+bm25" + sfx,
+                    scores_run(lambda q, d=depth, hs=hs, w=w: head_set_scores(q, d, stats, hs, w)),
+                    sec,
+                    first_stage_weight=w,
+                )
+        # Nested choice: for each fold, the grid variant or a head set chosen on the other folds only.
+        runs = {v: scores_run(lambda q, d=depth, v=v: fused_scores(q, d, stats, v)) for v in grid}
+        nd = {v: per_query_ndcg(qrels, r) for v, r in runs.items()}
+        cv_run: dict[str, dict[str, float]] = {}
+        chosen = []
+        for fold in folds:
+            train = [i for i in range(len(qids)) if i not in fold]
+            best_v = max(grid, key=lambda v: np.mean([nd[v][qids[i]] for i in train]))
+            best_grid = float(np.mean([nd[best_v][qids[i]] for i in train]))
+            pick = choose(queries, qrels, stats, train)
+            heads_score = pick["cv_ndcg@10"][(pick["k"], pick["w"])]
+            for i in fold:
+                q = queries[i]
+                if heads_score > best_grid:
+                    cv_run[q["qid"]] = to_run(
+                        [q], {q["qid"]: head_set_scores(q, depth, stats, pick["head_set"], pick["w"])}
+                    )[q["qid"]]
+                else:
+                    cv_run[q["qid"]] = runs[best_v][q["qid"]]
+            chosen.append(f"heads k={pick['k']} w={pick['w']:g}" if heads_score > best_grid else best_v.name)
+        add("probe-cv" + sfx, cv_run, sec, chosen_per_fold=chosen)
+    # The shipped default, run end to end (its own windows, early exit and timing).
+    from rerank.records import Hit
+    from rerank.reranker import AttentionReranker
+
+    rr = AttentionReranker(model, cfg.probe, cfg.calibration)
+    depth = cfg.retriever.top_k
+    scores, t = {}, []
+    for q in queries:
+        hits = [
+            Hit(passage=p, score=s, rank=i + 1)
+            for i, (p, s) in enumerate(zip(q["passages"][:depth], q["bm25"][:depth], strict=True))
+        ]
+        t0 = time.perf_counter()
+        ranked = rr.rerank(q["query"], hits)
+        t.append(time.perf_counter() - t0)
+        by_id = {it.passage.id: it.score for it in ranked.items}
+        scores[q["qid"]] = np.array([by_id[p.id] for p in q["passages"][:depth]])
+    add(f"probe-default@{depth}", to_run(queries, scores), float(np.mean(t)))
+    for name in systems:
+        if name != "bm25":
+            systems[name]["p_vs_bm25"] = round(paired_randomization(per_q[name], per_q["bm25"]), 4)
+    return {
+        "dataset": "trec-dl19 (BM25 top-100, 43 judged queries)"
+        if not args.quick
+        else "trec-dl19 (quick subset)",
+        "config": {
+            "model": model.model_id,
+            "dtype": model.dtype,
+            "window": WINDOW,
+            "prompt_order": "best-last (BM25 rank 1 next to the query)",
+            "depths": depths,
+            "queries": len(queries),
+            "default_config": cfg.model_dump(mode="json"),
+            "timing_note": "probe-* variants share one all-layer pass with the N/A pass; probe-default is "
+            "timed separately with its own configuration",
+            "grid_size": len(grid),
+        },
+        "systems": systems,
+    }

@@ -1,0 +1,204 @@
+"""The whole flow as one object: retrieve -> probe -> calibrate -> order/prune -> generate.
+
+    pipe = Pipeline.from_config("configs/default.yaml")
+    pipe.index(passages)                      # or Pipeline.from_config(..., index_dir="my_index")
+    answer = pipe.run("who wrote Hamlet?")    # Answer(text, passages_used, ranking, timings)
+
+Every stage is chosen by name from its registry; any of them can also be passed in as an object.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rerank.config import PipelineConfig, load_config
+from rerank.policies import ORDER_POLICIES, PRUNE_POLICIES, apply_policy
+from rerank.records import Answer, Hit, Passage, Query, RankedList, ScoredPassage
+
+logger = logging.getLogger(__name__)
+
+
+class Pipeline:
+    """Retrieval, attention reranking, context policy and generation.
+
+    Args:
+        config: The pipeline config (defaults: the embedded CPU setup).
+        retriever: A retriever object; default built from ``config.retriever`` when :meth:`index` or
+            ``index_dir`` provides passages.
+        reranker: A probe engine; default built from ``config.probe``/``config.calibration``.
+        generator: A generator; default built from ``config.generator``.
+        model: A loaded model shared by the reranker and the generator.
+    """
+
+    def __init__(
+        self,
+        config: PipelineConfig | None = None,
+        *,
+        retriever: Any = None,
+        reranker: Any = None,
+        generator: Any = None,
+        model: Any = None,
+    ) -> None:
+        self.config = config or PipelineConfig()
+        # Resolve names now so a typo fails at construction, not after minutes of work.
+        ORDER_POLICIES.get(self.config.policy.order) if self.config.policy.order != "iterative" else None
+        PRUNE_POLICIES.get(self.config.policy.prune)
+        self.retriever = retriever
+        self._model = model
+        self._reranker = reranker
+        self._generator = generator
+
+    @classmethod
+    def from_config(
+        cls, config: str | Path | PipelineConfig, *, index_dir: str | Path | None = None
+    ) -> Pipeline:
+        """Build from a YAML path (or config object), optionally loading a saved retriever index."""
+        cfg = config if isinstance(config, PipelineConfig) else load_config(config)
+        retriever = None
+        if index_dir is not None:
+            from retrievers.index import load_retriever
+
+            retriever = load_retriever(index_dir)
+        return cls(cfg, retriever=retriever)
+
+    # -- lazily built stages ---------------------------------------------------------------------
+    @property
+    def model(self) -> Any:
+        if self._model is None:
+            from rerank.model import load_model
+
+            self._model = load_model(self.config.model)
+        return self._model
+
+    @property
+    def reranker(self) -> Any:
+        if self._reranker is None:
+            from rerank.reranker import build_reranker
+
+            needs_model = self.config.probe.engine != "identity"
+            self._reranker = build_reranker(self.config, self.model if needs_model else None)
+        return self._reranker
+
+    @property
+    def generator(self) -> Any:
+        if self._generator is None:
+            from rerank.generate import build_generator
+
+            needs_model = self.config.generator.name != "none"
+            self._generator = build_generator(
+                self.config.generator,
+                self.model if needs_model else None,
+                getattr(self.reranker, "template", None),
+                max_passage_tokens=self.config.probe.passage_max_tokens,
+            )
+        return self._generator
+
+    # -- stages ----------------------------------------------------------------------------------
+    def index(self, passages: Sequence[Passage], show_progress: bool = True) -> Pipeline:
+        """Index ``passages`` with the configured retriever (replaces any current index)."""
+        from retrievers.index import build_retriever
+
+        self.retriever = build_retriever(self.config.retriever)
+        self.retriever.index(list(passages), show_progress=show_progress)
+        return self
+
+    def retrieve(self, query: str | Query, k: int | None = None) -> list[Hit]:
+        """First-stage candidates, best first."""
+        if self.retriever is None:
+            raise RuntimeError("no index: call Pipeline.index(passages) or pass index_dir= to from_config")
+        text = query.text if isinstance(query, Query) else query
+        return self.retriever.search(text, k or self.config.retriever.top_k)
+
+    def rerank(
+        self, query: str | Query, passages: Sequence[Passage | Hit | ScoredPassage], top_k: int | None = None
+    ) -> RankedList:
+        """Rerank candidates (given best first) with the configured probe and calibrator."""
+        return self.reranker.rerank(query, passages, top_k=top_k)
+
+    def select(self, ranked: RankedList) -> list[ScoredPassage]:
+        """Apply the prune and order policies; returns the passages in the order the generator reads."""
+        pol = self.config.policy
+        if pol.order == "iterative":
+            return self._iterative(ranked)
+        curve = getattr(self.reranker, "curve", None)
+        bias = curve.bias if curve is not None else None
+        if pol.order == "bias_aligned" and bias is None:
+            raise ValueError("order 'bias_aligned' needs a fitted curve: set calibration.curve")
+        counts = None
+        if pol.prune == "token_budget":
+            tok = self.model.tokenizer
+            counts = [
+                min(
+                    len(tok(it.passage.text, add_special_tokens=False)["input_ids"]),
+                    self.config.probe.passage_max_tokens,
+                )
+                for it in ranked.items
+            ]
+        return apply_policy(ranked, pol, bias=bias, token_counts=counts)
+
+    def _iterative(self, ranked: RankedList) -> list[ScoredPassage]:
+        # Attention sorting: probe the current context order, move the most-attended passages next to
+        # the question, repeat.
+        from rerank.policies import PRUNE_POLICIES as prune
+
+        pol = self.config.policy
+        kept = (
+            prune.get(pol.prune)(list(ranked.items), pol)
+            if pol.prune != "token_budget"
+            else list(ranked.items)
+        )
+        order = sorted(kept, key=lambda it: it.score)  # best last
+        rr = self.reranker
+        for _ in range(pol.iterations):
+            if len(order) < 2 or not hasattr(rr, "score_in_prompt_order"):
+                break
+            scores = rr.score_in_prompt_order(ranked.query.text, [it.passage for it in order])
+            order = [order[i] for i in np.argsort(scores, kind="stable")]
+        return order
+
+    def run(self, query: str | Query) -> Answer:
+        """Retrieve, rerank, select and generate for one query."""
+        q = query if isinstance(query, Query) else Query(text=query)
+        t = {}
+        t0 = time.perf_counter()
+        hits = self.retrieve(q)
+        t["retrieve"] = time.perf_counter() - t0
+        return self.answer(q, hits, timings=t)
+
+    def answer(
+        self, query: str | Query, candidates: Sequence[Passage | Hit | ScoredPassage], **kw: Any
+    ) -> Answer:
+        """Rerank given candidates, select the context and generate (no retrieval)."""
+        q = query if isinstance(query, Query) else Query(text=query)
+        t = dict(kw.get("timings") or {})
+        t0 = time.perf_counter()
+        ranked = self.rerank(q, candidates)
+        t["rerank"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        context = self.select(ranked)
+        t["select"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        text = self.generator.generate(q.text, [it.passage for it in context])
+        t["generate"] = time.perf_counter() - t0
+        return Answer(
+            query=q, text=text, passages_used=tuple(it.passage for it in context), ranking=ranked, timings=t
+        )
+
+    def run_batch(self, queries: Sequence[str | Query], show_progress: bool = True) -> list[Answer]:
+        from tqdm.auto import tqdm
+
+        return [self.run(q) for q in tqdm(queries, desc="pipeline", unit="q", disable=not show_progress)]
+
+    def rerank_batch(
+        self,
+        queries: Sequence[str | Query],
+        lists: Sequence[Sequence[Passage | Hit | ScoredPassage]],
+        **kw: Any,
+    ) -> list[RankedList]:
+        return self.reranker.rerank_batch(queries, lists, **kw)
