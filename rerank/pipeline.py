@@ -47,7 +47,8 @@ class Pipeline:
     ) -> None:
         self.config = config or PipelineConfig()
         # Resolve names now so a typo fails at construction, not after minutes of work.
-        ORDER_POLICIES.get(self.config.policy.order) if self.config.policy.order != "iterative" else None
+        if self.config.policy.order != "iterative":
+            ORDER_POLICIES.get(self.config.policy.order)
         PRUNE_POLICIES.get(self.config.policy.prune)
         self.retriever = retriever
         self._model = model
@@ -124,41 +125,32 @@ class Pipeline:
     def select(self, ranked: RankedList) -> list[ScoredPassage]:
         """Apply the prune and order policies; returns the passages in the order the generator reads."""
         pol = self.config.policy
+        counts = self._token_counts(ranked) if pol.prune == "token_budget" else None
         if pol.order == "iterative":
-            return self._iterative(ranked)
+            kept = PRUNE_POLICIES.get(pol.prune)(list(ranked.items), pol, token_counts=counts)
+            return self._iterative(ranked.query, kept)
         curve = getattr(self.reranker, "curve", None)
         bias = curve.bias if curve is not None else None
         if pol.order == "bias_aligned" and bias is None:
             raise ValueError("order 'bias_aligned' needs a fitted curve: set calibration.curve")
-        counts = None
-        if pol.prune == "token_budget":
-            tok = self.model.tokenizer
-            counts = [
-                min(
-                    len(tok(it.passage.text, add_special_tokens=False)["input_ids"]),
-                    self.config.probe.passage_max_tokens,
-                )
-                for it in ranked.items
-            ]
         return apply_policy(ranked, pol, bias=bias, token_counts=counts)
 
-    def _iterative(self, ranked: RankedList) -> list[ScoredPassage]:
+    def _token_counts(self, ranked: RankedList) -> list[int]:
+        tok = self.model.tokenizer
+        cap = self.config.probe.passage_max_tokens
+        return [
+            min(len(tok(it.passage.text, add_special_tokens=False)["input_ids"]), cap) for it in ranked.items
+        ]
+
+    def _iterative(self, query: Query, kept: list[ScoredPassage]) -> list[ScoredPassage]:
         # Attention sorting: probe the current context order, move the most-attended passages next to
         # the question, repeat.
-        from rerank.policies import PRUNE_POLICIES as prune
-
-        pol = self.config.policy
-        kept = (
-            prune.get(pol.prune)(list(ranked.items), pol)
-            if pol.prune != "token_budget"
-            else list(ranked.items)
-        )
         order = sorted(kept, key=lambda it: it.score)  # best last
         rr = self.reranker
-        for _ in range(pol.iterations):
+        for _ in range(self.config.policy.iterations):
             if len(order) < 2 or not hasattr(rr, "score_in_prompt_order"):
                 break
-            scores = rr.score_in_prompt_order(ranked.query.text, [it.passage for it in order])
+            scores = rr.score_in_prompt_order(query.text, [it.passage for it in order])
             order = [order[i] for i in np.argsort(scores, kind="stable")]
         return order
 
