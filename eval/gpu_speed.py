@@ -39,7 +39,6 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -93,33 +92,11 @@ def build_model(shape: dict[str, Any], device: str) -> Any:
     return model.eval()
 
 
-@dataclass(frozen=True)
-class _PlainPrompt:
-    """Stand-in for :class:`rerank.prompt.ProbePrompt` where ``rerank`` cannot be imported."""
-
-    input_ids: tuple[int, ...]
-    spans: tuple[tuple[int, int], ...]
-    prefix_len: int
-    text: str
-    truncated: tuple[bool, ...]
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.input_ids)
-
-    @property
-    def query_len(self) -> int:
-        return len(self.input_ids) - self.prefix_len
-
-
 def synthetic_prompts(passages: int, passage_tokens: int, vocab: int, seed: int = 0) -> tuple[Any, Any]:
     """A query prompt and its ``N/A`` twin (same prefix), random ids in the ICR layout."""
     import random
 
-    try:
-        from rerank.prompt import ProbePrompt
-    except ImportError:  # the probe cannot run then either, but the plain prefill is still timed
-        ProbePrompt = _PlainPrompt  # noqa: N806
+    from rerank.prompt import ProbePrompt
 
     rng = random.Random(seed)
 

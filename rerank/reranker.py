@@ -167,17 +167,13 @@ class AttentionReranker:
         }
 
     def _window_order(self, n: int) -> list[int]:
-        # Candidate i (retriever order) goes to prompt slot order[i]... returned as: slot -> candidate.
+        # Prompt slot -> candidate index (candidates arrive in retriever order, best first).
         return list(range(n))[::-1] if self.cfg.prompt_order == "reversed" else list(range(n))
 
-    def score_window(
-        self, query: str, passages: Sequence[Passage]
-    ) -> tuple[np.ndarray, np.ndarray, list[int]]:
-        """Probe one window. Returns raw and calibrated scores and prompt slots, in candidate order."""
+    def _probe_scores(self, query: str, prompt_passages: Sequence[Passage]) -> tuple[np.ndarray, np.ndarray]:
+        """Raw and calibrated scores of passages probed in exactly the given prompt order."""
         from rerank.probe import stats_of
 
-        slot_to_cand = self._window_order(len(passages))
-        prompt_passages = [passages[c] for c in slot_to_cand]
         out = self.engine.probe(
             query,
             prompt_passages,
@@ -185,9 +181,15 @@ class AttentionReranker:
             max_passage_tokens=self.cfg.passage_max_tokens,
             template=self.template,
         )
-        settings = ScoreSettings.of(self.cfg)
-        slots = list(range(len(passages)))
-        raw_s, cal_s = self.calibrator(stats_of(out), slots, settings, self.curve)
+        slots = list(range(len(prompt_passages)))
+        return self.calibrator(stats_of(out), slots, ScoreSettings.of(self.cfg), self.curve)
+
+    def score_window(
+        self, query: str, passages: Sequence[Passage]
+    ) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """Probe one window. Returns raw and calibrated scores and prompt slots, in candidate order."""
+        slot_to_cand = self._window_order(len(passages))
+        raw_s, cal_s = self._probe_scores(query, [passages[c] for c in slot_to_cand])
         raw = np.empty(len(passages))
         cal = np.empty(len(passages))
         pos = [0] * len(passages)
@@ -197,17 +199,7 @@ class AttentionReranker:
 
     def score_in_prompt_order(self, query: str, passages: Sequence[Passage]) -> np.ndarray:
         """Calibrated scores of ``passages`` probed in exactly the given prompt order (iterative sorting)."""
-        from rerank.probe import stats_of
-
-        out = self.engine.probe(
-            query,
-            passages,
-            content_free=self.calibrator.needs_content_free,
-            max_passage_tokens=self.cfg.passage_max_tokens,
-            template=self.template,
-        )
-        settings = ScoreSettings.of(self.cfg)
-        return self.calibrator(stats_of(out), list(range(len(passages))), settings, self.curve)[1]
+        return self._probe_scores(query, passages)[1]
 
     def _windows(self, n: int) -> list[range]:
         w = self.cfg.window_size
