@@ -1,0 +1,118 @@
+"""Every benchmark suite runs in quick mode through ``python -m eval`` and writes the JSON contract.
+
+Figures of quick runs are too noisy to assert on; these tests check that each suite runs end to end
+on the real model and data, reports the systems its issue asks for, and keeps metrics in range.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from eval.__main__ import main
+
+pytestmark = pytest.mark.slow
+
+
+def _run(suite: str, data_dir: Path, tmp_path: Path, *opts: str) -> dict:
+    out = tmp_path / f"{suite}.json"
+    args = [suite, "--quick", "--data-dir", str(data_dir), "--output", str(out)]
+    for o in opts:
+        args += ["--opt", o]
+    assert main(args) == 0
+    result = json.loads(out.read_text(encoding="utf-8"))
+    assert {"suite", "dataset", "config", "systems", "machine"} <= set(result)
+    assert result["suite"] == suite
+    assert result["config"]["quick"] is True
+    return result
+
+
+def _in_unit_range(systems: dict, metric: str) -> None:
+    for name, s in systems.items():
+        if metric in s:
+            assert 0.0 <= s[metric] <= 1.0 and not math.isnan(s[metric]), (name, metric, s[metric])
+
+
+def test_rerank_suite(data_dir: Path, tmp_path: Path) -> None:
+    r = _run("rerank", data_dir, tmp_path)
+    sys_ = r["systems"]
+    for name in (
+        "bm25",
+        "position-prior@20",
+        "probe-raw@20",
+        "probe-nacal@20",
+        "probe-cv@20",
+        "probe-default@20",
+    ):
+        assert name in sys_, name
+    _in_unit_range(sys_, "ndcg@10")
+    _in_unit_range(sys_, "mrr@10")
+    # The position-prior control in best-last windows of BM25 order is BM25's own order at depth 20.
+    assert sys_["position-prior@20"]["ndcg@10"] == pytest.approx(sys_["bm25"]["ndcg@10"])
+
+
+def test_position_suite(data_dir: Path, tmp_path: Path) -> None:
+    r = _run("position", data_dir, tmp_path, "questions=2", "timing_lists=1")
+    sys_ = r["systems"]
+    assert set(sys_) == {"probe-raw", "probe-nacal", "probe-curve", "probe-curve+nacal", "bm25"}
+    for s in sys_.values():
+        assert len([k for k in s if k.startswith("recall@1@pos")]) == 20
+        assert len([k for k in s if k.startswith("recall@1@bin")]) == 5
+    _in_unit_range(sys_, "recall@1")
+    _in_unit_range(sys_, "mrr")
+    assert sys_["probe-curve"]["seconds_per_query"] > 0
+
+
+def test_qa_suite(data_dir: Path, tmp_path: Path) -> None:
+    r = _run("qa", data_dir, tmp_path, "questions=2", "dev_questions=1", "max_new_tokens=8")
+    sys_ = r["systems"]
+    for name in (
+        "closed-book",
+        "gold-only",
+        "retriever-order",
+        "score",
+        "best_last",
+        "top5-pruned",
+        "best-policy",
+    ):
+        assert name in sys_, name
+    _in_unit_range(sys_, "accuracy")
+    assert sys_["gold-only"]["gold_in_context"] == 1.0
+    assert sys_["closed-book"]["gold_in_context"] == 0.0
+
+
+def test_heads_suite(data_dir: Path, tmp_path: Path) -> None:
+    r = _run("heads", data_dir, tmp_path, "queries=5")
+    choice = r["choice"]
+    assert 1 <= len(choice["head_set"]) == choice["k"]
+    assert all(0 <= layer < 30 and 0 <= head < 9 for layer, head in choice["head_set"])
+
+
+def test_report_suite(tmp_path: Path) -> None:
+    src = Path(__file__).resolve().parent.parent / "docs" / "results"
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n<!-- results:start -->\nold\n<!-- results:end -->\ntail\n")
+    out = tmp_path / "results.md"
+    assert (
+        main(
+            [
+                "report",
+                "--output",
+                str(tmp_path / "r.json"),
+                "--opt",
+                f"inputs={src}",
+                "--opt",
+                f"out={out}",
+                "--opt",
+                f"readme={readme}",
+            ]
+        )
+        == 0
+    )
+    text = out.read_text()
+    assert "## retrieval" in text and "| bm25-bm25s |" in text
+    new = readme.read_text()
+    assert "old" not in new and new.endswith("tail\n") and "**retrieval**" in new
