@@ -230,13 +230,16 @@ def run(args: Namespace) -> dict[str, Any]:
             best_v = max(grid, key=lambda v: np.mean([nd[v][qids[i]] for i in train]))
             best_grid = float(np.mean([nd[best_v][qids[i]] for i in train]))
             pick = choose(queries, qrels, stats, train)
-            heads_score = pick["cv_ndcg@10"][(pick["k"], pick["w"])]
+            # Heads and weight are chosen on the first window; judge them at this depth on the training folds.
+            pick_run = scores_run(
+                lambda q, d=depth, p=pick: head_set_scores(q, d, stats, p["head_set"], p["w"])
+            )
+            pick_nd = per_query_ndcg(qrels, pick_run)
+            heads_score = float(np.mean([pick_nd[qids[i]] for i in train]))
             for i in fold:
                 q = queries[i]
                 if heads_score > best_grid:
-                    cv_run[q["qid"]] = to_run(
-                        [q], {q["qid"]: head_set_scores(q, depth, stats, pick["head_set"], pick["w"])}
-                    )[q["qid"]]
+                    cv_run[q["qid"]] = pick_run[q["qid"]]
                 else:
                     cv_run[q["qid"]] = runs[best_v][q["qid"]]
             chosen.append(f"heads k={pick['k']} w={pick['w']:g}" if heads_score > best_grid else best_v.name)
