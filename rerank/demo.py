@@ -43,10 +43,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     answer = pipe.answer(args.query, hits)
     cal = pipe.config.calibration.name
     print(f"\nreranked by attention ({pipe.model.model_id}, {pipe.model.dtype}, calibration: {cal}):")
-    print("  rank  id              calibrated      raw  slot  title")
+    w = pipe.config.probe.first_stage_weight
+    print(f"  score = calibrated attention (z) + {w:g} x first-stage score (z); slot 19 is next to the query")
+    print("  rank  id               score  calibrated      raw  slot  title")
     for it in answer.ranking.items[:10]:
         print(
-            f"  {it.rank:4d}  {it.passage.id:14s} {it.calibrated_score:10.4f} {it.raw_score:8.4f} "
+            f"  {it.rank:4d}  {it.passage.id:14s} {it.score:6.2f} {it.calibrated_score:11.4f} {it.raw_score:8.4f} "
             f"{it.prompt_position:5d}  {it.passage.title}"
         )
     used = ", ".join(p.id for p in answer.passages_used)
