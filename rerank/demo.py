@@ -48,8 +48,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("  rank  id               score  calibrated      raw  slot  title")
     for it in answer.ranking.items[:10]:
         print(
-            f"  {it.rank:4d}  {it.passage.id:14s} {it.score:6.2f} {it.calibrated_score:11.4f} {it.raw_score:8.4f} "
-            f"{it.prompt_position:5d}  {it.passage.title}"
+            f"  {it.rank:4d}  {it.passage.id:14s} {it.score:6.2f} {it.calibrated_score:11.4f} "
+            f"{it.raw_score:8.4f} {it.prompt_position:5d}  {it.passage.title}"
         )
     used = ", ".join(p.id for p in answer.passages_used)
     pol = pipe.config.policy
