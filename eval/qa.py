@@ -64,6 +64,9 @@ def run(args: Namespace) -> dict[str, Any]:
     n_q = int(get_opt(opts, "questions", 3 if args.quick else 300))
     n_dev = int(get_opt(opts, "dev_questions", 2 if args.quick else 40))
     cfg = load_config(Path(get_opt(opts, "config", str(REPO_ROOT / "configs" / "default.yaml"))))
+    # The lists come in a random order with no first-stage scores: fusing with that order (the
+    # reranker's stand-in when scores are missing) would only add noise, so the probe ranks alone.
+    cfg = cfg.model_copy(update={"probe": cfg.probe.model_copy(update={"first_stage_weight": 0.0})})
     max_new = int(get_opt(opts, "max_new_tokens", 24))
     model = load_model(cfg.model)
     pipe = Pipeline(cfg, model=model)
