@@ -102,7 +102,8 @@ def run(args: Namespace) -> dict[str, Any]:
         r = json.loads(f.read_text(encoding="utf-8"))
         if "systems" not in r or "suite" not in r:
             continue
-        machine = machine or r.get("machine")
+        if "cpu" in (r.get("machine") or {}):
+            machine = machine or r["machine"]
         quick = " (QUICK subset)" if r.get("config", {}).get("quick") else ""
         parts.append(f"\n## {r['suite']}: {r['dataset']}{quick}\n\nFile: `{f.name}`\n\n{table(r)}\n")
         if r["suite"] == "position":
@@ -130,7 +131,10 @@ def run(args: Namespace) -> dict[str, Any]:
             "heads": ["ndcg@10"],
         }.get(r["suite"])
         if r["suite"] != "speed":
-            summary.append(f"**{r['suite']}** — {r['dataset']}{quick}\n\n{table(r, key)}\n")
+            where = " — on the lent GPU" if r["suite"] == "gpu-speed" else ""
+            summary.append(
+                f"**{r['suite']}** (`{f.name}`{where}) — {r['dataset']}{quick}\n\n{table(r, key)}\n"
+            )
     if machine:
         parts.append("\n## Machine\n\n```json\n" + json.dumps(machine, indent=1) + "\n```\n")
     out.write_text("\n".join(parts), encoding="utf-8")

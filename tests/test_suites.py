@@ -94,7 +94,7 @@ def test_heads_suite(data_dir: Path, tmp_path: Path) -> None:
 def test_report_suite(tmp_path: Path) -> None:
     src = Path(__file__).resolve().parent.parent / "docs" / "results"
     readme = tmp_path / "README.md"
-    readme.write_text("# x\n<!-- results:start -->\nold\n<!-- results:end -->\ntail\n")
+    readme.write_text("# x\n<!-- results:start -->\nSTALE-SUMMARY\n<!-- results:end -->\ntail\n")
     out = tmp_path / "results.md"
     assert (
         main(
@@ -115,4 +115,4 @@ def test_report_suite(tmp_path: Path) -> None:
     text = out.read_text()
     assert "## retrieval" in text and "| bm25-bm25s |" in text
     new = readme.read_text()
-    assert "old" not in new and new.endswith("tail\n") and "**retrieval**" in new
+    assert "STALE-SUMMARY" not in new and new.endswith("tail\n") and "**retrieval**" in new
