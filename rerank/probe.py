@@ -59,7 +59,6 @@ class _StopForward(Exception):
 @dataclass
 class _Capture:
     layers: frozenset[int]
-    heads: tuple[int, ...] | None
     stop_after: int | None
     # layer -> (heads, kv_len) mean over captured rows, float32
     out: dict[int, torch.Tensor]
@@ -226,7 +225,6 @@ class AttentionProbe:
     def _forward(self, ids: Sequence[int], cache: Any, capture: bool) -> dict[int, torch.Tensor]:
         cap = _Capture(
             layers=frozenset(self.layers),
-            heads=self.heads,
             stop_after=self.layers[-1] if self.early_exit else None,
             out={},
             capture=capture,

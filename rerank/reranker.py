@@ -18,7 +18,7 @@ import numpy as np
 
 from calibration.curve import BiasCurve
 from rerank.calibrators import CALIBRATORS, ScoreSettings
-from rerank.config import CalibrationConfig, ModelConfig, PipelineConfig, ProbeConfig
+from rerank.config import CalibrationConfig, PipelineConfig, ProbeConfig
 from rerank.model import LoadedModel
 from rerank.prompt import PromptTemplate
 from rerank.records import Hit, Passage, Query, RankedList, ScoredPassage
@@ -284,4 +284,4 @@ def build_reranker(cfg: PipelineConfig, model: LoadedModel | None = None) -> Any
     return engine.from_config(cfg, model)
 
 
-__all__ = ["PROBE_ENGINES", "AttentionReranker", "IdentityReranker", "build_reranker", "ModelConfig"]
+__all__ = ["PROBE_ENGINES", "AttentionReranker", "IdentityReranker", "build_reranker"]
