@@ -98,6 +98,9 @@ def run(args: Namespace) -> dict[str, Any]:
         cache_dir=REPO_ROOT / "results" / "cache" / "nq",
         max_passage_tokens=probe_cfg.passage_max_tokens,
         last_layer=last,
+        # Consecutive jobs move the gold passage one slot down the same list: the slots before it are
+        # the same tokens, so their KV cache is kept rather than recomputed.
+        reuse_prefix=True,
         desc="position sweep",
     )
     settings = ScoreSettings.of(probe_cfg)

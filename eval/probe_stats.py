@@ -50,12 +50,14 @@ def collect(
     template: PromptTemplate | None = None,
     keep_tokens: bool = False,
     last_layer: int | None = None,
+    reuse_prefix: bool = False,
     desc: str = "probe",
 ) -> tuple[dict[str, PassageStats], dict[str, float]]:
     """Probe every job (layers 0..``last_layer``, default all, with the N/A pass).
 
     Returns stats and seconds per job key; cached results report the seconds measured when they were
-    computed.
+    computed. ``reuse_prefix`` keeps the KV cache of the previous prompt's common token prefix (see
+    :class:`rerank.probe.AttentionProbe`): order ``jobs`` so that consecutive prompts share long prefixes.
     """
     from tqdm.auto import tqdm
 
@@ -63,7 +65,7 @@ def collect(
 
     template = template or PromptTemplate()
     last = model.num_layers - 1 if last_layer is None else last_layer
-    probe = AttentionProbe(model, layers=(0, last), early_exit=True)
+    probe = AttentionProbe(model, layers=(0, last), early_exit=True, reuse_prefix=reuse_prefix)
     cache_dir.mkdir(parents=True, exist_ok=True)
     stats: dict[str, PassageStats] = {}
     seconds: dict[str, float] = {}
@@ -87,8 +89,10 @@ def collect(
         kw = {"max_passage_tokens": max_passage_tokens, "template": template}
         prompt = build_prompt(model.tokenizer, job.query, job.passages, **kw)
         na = build_prompt(model.tokenizer, NA_QUERY, job.passages, **kw)
+        reused = probe.reused_tokens
         out = probe.run_prompt(prompt, na)
         dt = time.perf_counter() - t0
+        reused = probe.reused_tokens - reused
         st = stats_of(out)
         arrays = {"query": st.query.astype(np.float32), "na": st.na.astype(np.float32), "lengths": st.lengths}
         if keep_tokens:
@@ -99,6 +103,7 @@ def collect(
             "spans": [list(s) for s in st.spans],
             "seconds": dt,
             "tokens": prompt.num_tokens,
+            "reused_prefix_tokens": reused,
         }
         np.savez_compressed(f, meta=json.dumps(meta), **arrays)
         if not keep_tokens:

@@ -10,6 +10,11 @@ One probe of a prompt is up to three forward calls sharing one KV cache:
   2. the query suffix (late instruction + query + assistant header), capturing its rows;
   3. optionally the same suffix with the content-free query ``N/A`` after cropping the cache back to
      the prefix (ICR's calibration pass), capturing its rows.
+
+With ``reuse_prefix``, the prefix's KV cache is kept after a probe, and the next prompt forwards only
+the tokens after the longest common token prefix of the two (the cache is cropped back to it). Lists
+that differ late (one passage moved through the slots of the same list, the same instruction header
+for every query) then cost a fraction of a full prefill.
 """
 
 from __future__ import annotations
@@ -148,6 +153,13 @@ AttentionInterface.register(ATTN_NAME, _attn_probe_forward)
 AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
 
 
+def _crop_to(cache: Any, length: int) -> None:
+    """Drop cached states after the first ``length`` tokens (``crop`` takes a negative count)."""
+    extra = cache.get_seq_length() - length
+    if extra > 0:
+        cache.crop(-extra)
+
+
 def check_supported(model: Any) -> None:
     """Raise a clear error for a model the probe cannot read."""
     cfg = model.config
@@ -192,6 +204,8 @@ class AttentionProbe:
         layers: Inclusive ``(first, last)`` range to read; None = all layers.
         heads: Head indices summed into the token scores; None = all heads.
         early_exit: Stop the forward pass after the last probed layer.
+        reuse_prefix: Keep the prefix's KV cache between prompts and forward only what differs from
+            the previous prompt's prefix (not for sliding-window caches, which cannot be cropped back).
     """
 
     def __init__(
@@ -201,6 +215,7 @@ class AttentionProbe:
         layers: tuple[int, int] | None = None,
         heads: Sequence[int] | None = None,
         early_exit: bool = True,
+        reuse_prefix: bool = False,
     ) -> None:
         check_supported(model.model)
         self.m = model
@@ -215,6 +230,9 @@ class AttentionProbe:
                 raise ValueError(f"head indices {bad} out of range: the model has {model.num_heads} heads")
         self.heads = tuple(heads) if heads is not None else None
         self.early_exit = early_exit
+        self.reuse_prefix = reuse_prefix
+        self._kept: tuple[tuple[int, ...], Any] | None = None  # (prefix ids, their KV cache)
+        self.reused_tokens = 0  # prefix tokens taken from the kept cache, over this probe's life
         if model.model.config._attn_implementation != ATTN_NAME:
             model.model.set_attn_implementation(ATTN_NAME)
 
@@ -254,22 +272,46 @@ class AttentionProbe:
                 "lower probe.window_size or probe.passage_max_tokens"
             )
         p = prompt.prefix_len
-        cache = DynamicCache(config=self.m.model.config)
-        self._forward(prompt.input_ids[:p], cache, capture=False)
+        prefix = tuple(prompt.input_ids[:p])
+        cache, start = self._take_kept(prefix)
+        if cache is None:
+            cache = DynamicCache(config=self.m.model.config)
+        if start < p:
+            self._forward(prefix[start:], cache, capture=False)
         # Sliding-window cache layers drop old states and cannot be cropped back; copy those instead.
         sliding = any("Sliding" in type(layer).__name__ for layer in getattr(cache, "layers", []))
         spare = copy.deepcopy(cache) if (na_prompt is not None and sliding) else None
         q_rows = self._forward(prompt.input_ids[p:], cache, capture=True)
         na_rows = None
         if na_prompt is not None:
-            if tuple(na_prompt.input_ids[: na_prompt.prefix_len]) != tuple(prompt.input_ids[:p]):
+            if tuple(na_prompt.input_ids[: na_prompt.prefix_len]) != prefix:
                 raise RuntimeError("N/A prompt does not share the query prompt's prefix tokens")
             if spare is not None:
                 cache = spare
             else:
-                cache.crop(-(prompt.num_tokens - p))
+                _crop_to(cache, p)
             na_rows = self._forward(na_prompt.input_ids[p:], cache, capture=True)
+        if self.reuse_prefix and not sliding:
+            _crop_to(cache, p)
+            self._kept = (prefix, cache)
         return self._collect(prompt, q_rows, na_rows)
+
+    def _take_kept(self, prefix: tuple[int, ...]) -> tuple[Any, int]:
+        """The kept cache cropped to its common token prefix with ``prefix``, and that length."""
+        if not self.reuse_prefix or self._kept is None:
+            return None, 0
+        ids, cache = self._kept
+        self._kept = None
+        n = 0
+        for a, b in zip(ids, prefix, strict=False):
+            if a != b:
+                break
+            n += 1
+        if n == 0:
+            return None, 0
+        _crop_to(cache, n)
+        self.reused_tokens += n
+        return cache, n
 
     def _collect(
         self, prompt: ProbePrompt, q_rows: dict[int, torch.Tensor], na_rows: dict[int, torch.Tensor] | None

@@ -140,6 +140,25 @@ def test_na_pass_with_kv_reuse_equals_full_prefill(smol32, kind):
     assert err < 1e-4
 
 
+@pytest.mark.parametrize("kind", ["smollm2", "qwen2", "gemma3"])
+def test_prefix_reuse_equals_fresh_probes(smol32, kind):
+    # The gold passage moved through the slots of one list: consecutive prompts share a token prefix.
+    m = smol32 if kind == "smollm2" else _tiny(kind, smol32.tokenizer)
+    lists = [PASSAGES[1:i] + PASSAGES[:1] + PASSAGES[i:] for i in (3, 2, 1)] + [PASSAGES[::-1]]
+    reuse = AttentionProbe(m, layers=(0, 2), reuse_prefix=True)
+    fresh = AttentionProbe(m, layers=(0, 2))
+    for ps in lists:
+        a, b = reuse.probe(QUERY, ps), fresh.probe(QUERY, ps)
+        assert a.spans == b.spans
+        np.testing.assert_allclose(a.query_head, b.query_head, atol=1e-5)
+        np.testing.assert_allclose(a.na_head, b.na_head, atol=1e-5)
+        np.testing.assert_allclose(a.query_tok, b.query_tok, atol=1e-5)
+    if kind == "gemma3":
+        assert reuse.reused_tokens == 0, "sliding-window caches cannot be cropped, so nothing is reused"
+    else:
+        assert reuse.reused_tokens > 0
+
+
 def test_early_exit_keeps_scores_and_skips_later_layers(smol32):
     full = AttentionProbe(smol32, early_exit=False).probe(QUERY, PASSAGES)
     calls = []
