@@ -11,7 +11,17 @@ generator (the same embedded model, greedy) a different context:
 ``best_last``          all 20, best last (next to the question)
 ``bias_aligned``       all 20, best at the slots the fitted curve gives most attention
 ``top5-pruned``        the best 5, best last
-``best-policy``        order and prune chosen on *dev* questions (never the test questions)
+``bm25-best_last``     all 20 in BM25 order within the list, best last (no probe: a control)
+``bm25+probe-best_last``  the probe over the BM25-ordered list, fused with BM25 as the shipped config
+                       does (``first_stage_weight``), best last
+``best-policy``        ranking (probe alone, or fused with BM25), order and prune chosen on *dev*
+                       questions (never the test questions)
+``best-policy-bm25``   the same order and prune driven by BM25 alone: what the probe adds to it
+
+In a real pipeline the first stage hands over its scores; here the list order is random, so the
+``probe`` systems rank by attention alone, and the ``bm25`` systems stand in for a first stage that
+scored the 20 passages (BM25 is also what chose the distractors, so it is a strong, hard-to-beat
+reference on these lists).
 
 Metric: ``accuracy`` = best-subspan exact match (an answer string inside the normalised output), plus
 ``seconds_per_query`` (probe + generation) and ``gold_in_context`` (how often the gold passage survived
@@ -43,6 +53,7 @@ CANDIDATE_POLICIES = [
     ("score", "top_k", 3),
     ("edges", "top_k", 5),
 ]
+RANKINGS = ("probe", "bm25+probe")
 
 
 def shuffled_list(item: Any, seed: int) -> tuple[list[Any], int]:
@@ -57,19 +68,27 @@ def run(args: Namespace) -> dict[str, Any]:
     from rerank.model import load_model
     from rerank.pipeline import Pipeline
     from rerank.policies import apply_policy
+    from rerank.reranker import IdentityReranker
+    from retrievers.bm25 import BM25Retriever
+    from retrievers.records import Hit
 
     opts = getattr(args, "opts", {}) or {}
     check_opts(opts, ["questions", "dev_questions", "config", "max_new_tokens", "batch_size", "curve"])
     require_data(args.data_dir, "nq-open-oracle")
     n_q = int(get_opt(opts, "questions", 3 if args.quick else 300))
     n_dev = int(get_opt(opts, "dev_questions", 2 if args.quick else 40))
-    cfg = load_config(Path(get_opt(opts, "config", str(REPO_ROOT / "configs" / "default.yaml"))))
-    # The lists come in a random order with no first-stage scores: fusing with that order (the
-    # reranker's stand-in when scores are missing) would only add noise, so the probe ranks alone.
-    cfg = cfg.model_copy(update={"probe": cfg.probe.model_copy(update={"first_stage_weight": 0.0})})
+    fused_cfg = load_config(Path(get_opt(opts, "config", str(REPO_ROOT / "configs" / "default.yaml"))))
+    if fused_cfg.probe.first_stage_weight <= 0:
+        raise ValueError("the config's probe.first_stage_weight must be > 0 for the bm25+probe systems")
+    # The random list order carries no first-stage signal: fusing with it (the reranker's stand-in when
+    # scores are missing) would only add noise, so the probe-alone systems do not fuse.
+    cfg = fused_cfg.model_copy(
+        update={"probe": fused_cfg.probe.model_copy(update={"first_stage_weight": 0.0})}
+    )
     max_new = int(get_opt(opts, "max_new_tokens", 24))
     model = load_model(cfg.model)
     pipe = Pipeline(cfg, model=model)
+    fused = Pipeline(fused_cfg, model=model)
     gen = TransformersGenerator(
         model, GeneratorConfig(max_new_tokens=max_new), pipe.reranker.template, cfg.probe.passage_max_tokens
     )
@@ -83,11 +102,25 @@ def run(args: Namespace) -> dict[str, Any]:
     test, dev = load_nq(args.data_dir)
     test, dev = test[:n_q], dev[:n_dev]
 
-    def contexts(item: Any, seed: int) -> tuple[dict[str, list[Any]], float, Any]:
+    def bm25_hits(question: str, passages: list[Any]) -> list[Any]:
+        bm = BM25Retriever(backend="bm25s")
+        bm.index(passages, show_progress=False)
+        s = np.asarray(bm.scores(question), dtype=np.float64)
+        order = sorted(range(len(passages)), key=lambda i: (-s[i], i))
+        return [Hit(passage=passages[i], score=float(s[i]), rank=r + 1) for r, i in enumerate(order)]
+
+    def contexts(item: Any, seed: int) -> tuple[dict[str, list[Any]], dict[str, float], Any]:
         passages, gold = shuffled_list(item, seed)
         t0 = time.perf_counter()
         ranked = pipe.rerank(item.question, passages)
-        t_probe = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        hits = bm25_hits(item.question, passages)
+        t2 = time.perf_counter()
+        # The probe reads the list in BM25 order (its best last, as configured) and fuses with BM25.
+        rankings = {"probe": ranked, "bm25+probe": fused.rerank(item.question, hits)}
+        t3 = time.perf_counter()
+        bm25_ranked = IdentityReranker().rerank(item.question, hits)
+        timing = {"probe": t1 - t0, "bm25": t2 - t1, "bm25+probe": t3 - t1}
         ctx = {"retriever-order": passages}
         for name, order, prune, k in [
             ("score", "score", "none", 5),
@@ -98,10 +131,18 @@ def run(args: Namespace) -> dict[str, Any]:
                 ranked, PolicyConfig(order=order, prune=prune, top_k=k), bias=curve.bias if curve else None
             )
             ctx[name] = [it.passage for it in sel]
+        ctx["bm25-best_last"] = [
+            it.passage for it in apply_policy(bm25_ranked, PolicyConfig(order="best_last", prune="none"))
+        ]
+        ctx["bm25+probe-best_last"] = [
+            it.passage
+            for it in apply_policy(rankings["bm25+probe"], PolicyConfig(order="best_last", prune="none"))
+        ]
         for order, prune, k in CANDIDATE_POLICIES:
-            sel = apply_policy(ranked, PolicyConfig(order=order, prune=prune, top_k=k))
-            ctx[f"{order}/{prune}{k}"] = [it.passage for it in sel]
-        return ctx, t_probe, item.gold
+            pol = PolicyConfig(order=order, prune=prune, top_k=k)
+            for name, rk in [*rankings.items(), ("bm25", bm25_ranked)]:
+                ctx[f"{name}:{order}/{prune}{k}"] = [it.passage for it in apply_policy(rk, pol)]
+        return ctx, timing, item.gold
 
     from tqdm.auto import tqdm
 
@@ -116,30 +157,38 @@ def run(args: Namespace) -> dict[str, Any]:
     # Choose the best order/prune combination on dev questions.
     dev_ctx = [contexts(item, seed=1)[0] for item in tqdm(dev, desc="qa dev probe", unit="q")]
     dev_acc: dict[str, list[float]] = {}
-    for order, prune, k in CANDIDATE_POLICIES:
-        key = f"{order}/{prune}{k}"
+    candidates = [(r, o, p, k) for r in RANKINGS for o, p, k in CANDIDATE_POLICIES]
+    for r, order, prune, k in candidates:
+        key = f"{r}:{order}/{prune}{k}"
         dev_acc[key], _ = answer_all(dev, dev_ctx, key)
-    best = max(CANDIDATE_POLICIES, key=lambda c: (np.mean(dev_acc[f"{c[0]}/{c[1]}{c[2]}"]), -c[2]))
-    best_key = f"{best[0]}/{best[1]}{best[2]}"
+    # Ties go to the smaller context, then to the probe alone (the cheaper ranking).
+    best = max(candidates, key=lambda c: (np.mean(dev_acc[f"{c[0]}:{c[1]}/{c[2]}{c[3]}"]), -c[3]))
+    best_key = f"{best[0]}:{best[1]}/{best[2]}{best[3]}"
+    best_bm25_key = f"bm25:{best[1]}/{best[2]}{best[3]}"
 
     names = ["closed-book", "gold-only", "retriever-order", "score", "best_last"]
     names += ["bias_aligned"] if curve is not None else []
-    names += ["top5-pruned", "best-policy"]
-    test_ctx, probe_t = [], []
+    names += ["top5-pruned", "bm25-best_last", "bm25+probe-best_last", "best-policy", "best-policy-bm25"]
+    # Which ranking's time each system pays for (beyond its generation).
+    ranking_of = {n: "probe" for n in ("score", "best_last", "bias_aligned", "top5-pruned")}
+    ranking_of |= {"bm25-best_last": "bm25", "bm25+probe-best_last": "bm25+probe"}
+    ranking_of |= {"best-policy": best[0], "best-policy-bm25": "bm25"}
+    test_ctx, rank_t = [], []
     for item in tqdm(test, desc="qa test probe", unit="q"):
-        ctx, t_probe, gold = contexts(item, seed=0)
+        ctx, timing, gold = contexts(item, seed=0)
         ctx["best-policy"] = ctx[best_key]
+        ctx["best-policy-bm25"] = ctx[best_bm25_key]
         ctx["closed-book"] = []
         ctx["gold-only"] = [gold]
         test_ctx.append(ctx)
-        probe_t.append(t_probe)
+        rank_t.append(timing)
     acc: dict[str, list[float]] = {}
     secs: dict[str, float] = {}
     gold_in: dict[str, list[float]] = {}
     for name in tqdm(names, desc="qa generate", unit="system"):
         acc[name], dt = answer_all(test, test_ctx, name)
-        uses_probe = name not in ("closed-book", "gold-only", "retriever-order")
-        secs[name] = dt + (float(np.mean(probe_t)) if uses_probe else 0.0)
+        r = ranking_of.get(name)
+        secs[name] = dt + (float(np.mean([t[r] for t in rank_t])) if r else 0.0)
         gold_in[name] = [
             float(any(p.id == it.gold.id for p in c[name])) for it, c in zip(test, test_ctx, strict=True)
         ]
@@ -152,12 +201,14 @@ def run(args: Namespace) -> dict[str, Any]:
         for n in names
     }
     systems["best-policy"]["chosen"] = best_key  # type: ignore[assignment]
+    systems["best-policy-bm25"]["chosen"] = best_bm25_key  # type: ignore[assignment]
     return {
         "dataset": f"nq-open-oracle test split ({len(test)} questions, gold at a random slot of 20)",
         "config": {
             "model": model.model_id,
             "dtype": model.dtype,
             "probe": cfg.probe.model_dump(),
+            "bm25+probe_first_stage_weight": fused_cfg.probe.first_stage_weight,
             "calibration": cfg.calibration.model_dump(),
             "max_new_tokens": max_new,
             "dev_questions": len(dev),

@@ -52,6 +52,15 @@ def test_rerank_suite(data_dir: Path, tmp_path: Path) -> None:
     _in_unit_range(sys_, "mrr@10")
     # The position-prior control in best-last windows of BM25 order is BM25's own order at depth 20.
     assert sys_["position-prior@20"]["ndcg@10"] == pytest.approx(sys_["bm25"]["ndcg@10"])
+    # Baselines run on a query subset in quick mode; identity is BM25's order on those queries.
+    for name in ("icr-reference@20", "listwise@20", "pointwise@20", "identity@20", "shuffle@20"):
+        s = sys_[name]
+        assert s["queries"] >= 1 and s["seconds_per_query"] >= 0 and 0.0 <= s["p_vs_bm25"] <= 1.0, name
+    assert sys_["identity@20"]["ndcg@10"] == pytest.approx(
+        sys_["identity@20"]["bm25_ndcg@10_same_queries"], abs=1e-4
+    )
+    lw = sys_["listwise@20"]
+    assert 0 <= lw["parse_failures"] <= lw["windows"] and lw["windows"] >= 1
 
 
 def test_position_suite(data_dir: Path, tmp_path: Path) -> None:
@@ -76,10 +85,18 @@ def test_qa_suite(data_dir: Path, tmp_path: Path) -> None:
         "score",
         "best_last",
         "top5-pruned",
+        "bm25-best_last",
+        "bm25+probe-best_last",
         "best-policy",
+        "best-policy-bm25",
     ):
         assert name in sys_, name
     _in_unit_range(sys_, "accuracy")
+    # The BM25 control applies the very order and prune the dev questions chose for the probe.
+    ranking, policy = sys_["best-policy"]["chosen"].split(":")
+    assert ranking in ("probe", "bm25+probe")
+    assert sys_["best-policy-bm25"]["chosen"] == f"bm25:{policy}"
+    assert sys_["bm25-best_last"]["gold_in_context"] == 1.0
     assert sys_["gold-only"]["gold_in_context"] == 1.0
     assert sys_["closed-book"]["gold_in_context"] == 0.0
 
