@@ -2,6 +2,9 @@
 
 ``attention``  the attention probe (one prefill per window of passages).
 ``identity``   keeps the retriever's order: the control every figure should be read against.
+
+Baselines (``icr-reference``, ``listwise``, ``pointwise``, ``shuffle``) live in :mod:`rerank.baselines`
+and register themselves when this module is imported.
 """
 
 from __future__ import annotations
@@ -75,12 +78,15 @@ def template_id(template: PromptTemplate) -> str:
 class IdentityReranker:
     """Keeps the first-stage order (a control)."""
 
+    needs_model = False
+
     def __init__(self, *_: Any, **__: Any) -> None:
         pass
 
     def rerank(
         self, query: str | Query, passages: Sequence[Candidate], top_k: int | None = None
     ) -> RankedList:
+        t0 = time.perf_counter()
         q = as_query(query)
         ps, fs = split_candidates(passages)
         n = len(ps)
@@ -90,7 +96,8 @@ class IdentityReranker:
             )
             for i, p in enumerate(ps)
         )
-        return RankedList(query=q, items=items[:top_k] if top_k is not None else items)
+        info = {"seconds": time.perf_counter() - t0}
+        return RankedList(query=q, items=items[:top_k] if top_k is not None else items, info=info)
 
     def rerank_batch(
         self,
@@ -233,7 +240,8 @@ class AttentionReranker:
             idx = list(win)
             r, c, p = self.score_window(q.text, [ps[i] for i in idx])
             raw[idx], cal[idx] = r, c
-            merged[idx] = zscore(c) if self.cfg.window_merge == "zscore" and len(idx) > 1 else c
+            # A window of one passage has no spread to standardise by: zscore puts it at the mean (0).
+            merged[idx] = zscore(c) if self.cfg.window_merge == "zscore" else c
             for i, slot in zip(idx, p, strict=True):
                 pos[i] = slot
         final = merged.copy()
@@ -285,3 +293,7 @@ def build_reranker(cfg: PipelineConfig, model: LoadedModel | None = None) -> Any
 
 
 __all__ = ["PROBE_ENGINES", "AttentionReranker", "IdentityReranker", "build_reranker"]
+
+# The baselines register in PROBE_ENGINES on import; importing them here makes every engine name
+# resolvable wherever the registry is used. They import torch only when they run.
+import rerank.baselines  # noqa: E402, F401

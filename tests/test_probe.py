@@ -184,6 +184,19 @@ def test_content_free_calibration_finds_the_answer(smol32):
     assert all(it.raw_score is not None and it.calibrated_score is not None for it in ranked.items)
 
 
+def test_windows_are_standardised_including_a_lone_last_window(smol32):
+    from rerank.reranker import AttentionReranker
+
+    # 4 passages in windows of 3: the last window holds one passage, whose score cannot be
+    # standardised against anything and must not dwarf the z-scores of the first window.
+    ranked = AttentionReranker(smol32, ProbeConfig(window_size=3)).rerank(QUERY, PASSAGES)
+    by_id = {it.passage.id: it for it in ranked.items}
+    assert by_id[PASSAGES[3].id].score == 0.0
+    first = np.array([by_id[p.id].score for p in PASSAGES[:3]])
+    assert abs(first.mean()) < 1e-9 and abs(first.std() - 1.0) < 1e-9
+    assert ranked.info["windows"] == 2
+
+
 def test_edge_cases(smol32):
     from rerank.reranker import AttentionReranker
 
