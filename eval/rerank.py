@@ -10,7 +10,15 @@ the other 4 folds and scores the held-out fold with it. ``probe-default`` is the
 ``configs/default.yaml`` configuration, run end to end through :class:`AttentionReranker` (its own
 timing, early exit included).
 
-Options (``--opt``): ``depths=20,100`` candidate depths; ``queries=N`` limit.
+Baselines (``rerank/baselines.py``, run end to end on the same BM25 candidates, each timed per query):
+``icr-reference`` (published ICR: eager attention, all layers, a second full ``N/A`` forward, windows of
+20), ``listwise`` (RankGPT-style generation, windows of 20 sliding by 10 from the bottom), ``pointwise``
+(P(Yes) per passage), ``identity`` (BM25 order) and ``shuffle`` (seeded random order). Nothing is cached.
+
+Options (``--opt``): ``depths=20,100`` candidate depths; ``queries=N`` limit; ``baselines=a,b`` which
+baselines (default all; ``none`` for none); ``baseline_depths=20,100``; ``baseline_queries=N`` runs the
+baselines on the first N queries only (default all; 1 with ``--quick``: icr-reference's two eager forwards
+take 35-60 s per window of 20 on a busy 2-core CPU). In quick mode ``baseline_depths`` defaults to 20.
 """
 
 from __future__ import annotations
@@ -25,12 +33,28 @@ from typing import Any
 
 import numpy as np
 
-from eval.common import REPO_ROOT, check_opts, get_opt, ir_metrics, per_query_metric, require_data
+from eval.common import REPO_ROOT, SuiteError, check_opts, get_opt, ir_metrics, per_query_metric, require_data
 from rerank.records import Passage
 from rerank.scoring import PassageStats, passage_scores, zscore
 
 WINDOW = 20
 METRICS = ("ndcg@10", "mrr@10")
+BASELINES = ("icr-reference", "listwise", "pointwise", "identity", "shuffle")
+QUICK_BASELINE_QUERIES = 1
+# Per-query counters from RankedList.info that a baseline's system entry sums over the queries.
+BASELINE_COUNTERS = {
+    "icr-reference": ("windows", "forwards"),
+    "listwise": (
+        "windows",
+        "parse_failures",
+        "repaired",
+        "out_of_range",
+        "duplicates",
+        "missing",
+        "generated_tokens",
+    ),
+    "pointwise": ("forwards",),
+}
 
 
 @dataclass(frozen=True)
@@ -158,6 +182,55 @@ def paired_randomization(
     return float(((np.abs((flips * d).mean(axis=1)) >= obs - 1e-12).sum() + 1) / (trials + 1))
 
 
+def parse_baselines(opts: dict[str, str], quick: bool) -> tuple[list[str], list[int], int]:
+    """Baseline names, depths and query limit (0 = all) from ``--opt``; a SuiteError names the choices."""
+    raw = str(get_opt(opts, "baselines", ",".join(BASELINES))).strip()
+    names = [] if raw.lower() in ("", "none") else [x.strip() for x in raw.split(",") if x.strip()]
+    unknown = [x for x in names if x not in BASELINES]
+    if unknown:
+        raise SuiteError(f"unknown baseline(s) {', '.join(unknown)}; choose from: {', '.join(BASELINES)}")
+    raw_d = str(get_opt(opts, "baseline_depths", "20" if quick else "20,100"))
+    try:
+        depths = [int(x) for x in raw_d.split(",") if x.strip()]
+    except ValueError:
+        raise SuiteError(f"--opt baseline_depths={raw_d!r}: expected integers like 20,100") from None
+    if any(d < 1 for d in depths):
+        raise SuiteError(f"--opt baseline_depths={raw_d!r}: depths must be >= 1")
+    limit = int(get_opt(opts, "baseline_queries", QUICK_BASELINE_QUERIES if quick else 0))
+    if limit < 0:
+        raise SuiteError(f"--opt baseline_queries={limit}: must be >= 0 (0 = all queries)")
+    return list(dict.fromkeys(names)), list(dict.fromkeys(depths)), limit
+
+
+def run_baseline(
+    model: Any, name: str, queries: list[dict[str, Any]], depth: int, probe: Any
+) -> tuple[dict[str, np.ndarray], list[float], dict[str, int]]:
+    """Rerank each query's BM25 top ``depth`` with a registered baseline.
+
+    Returns scores in BM25 order per query, wall seconds per query and the summed info counters.
+    """
+    from tqdm.auto import tqdm
+
+    from rerank.records import Hit
+    from rerank.reranker import PROBE_ENGINES
+
+    rr = PROBE_ENGINES.get(name)(model, probe)
+    scores: dict[str, np.ndarray] = {}
+    seconds: list[float] = []
+    counters = dict.fromkeys(BASELINE_COUNTERS.get(name, ()), 0)
+    for q in tqdm(queries, desc=f"{name}@{depth}", unit="q"):
+        ps, bm = q["passages"][:depth], q["bm25"][:depth]
+        hits = [Hit(passage=p, score=s, rank=i + 1) for i, (p, s) in enumerate(zip(ps, bm, strict=True))]
+        t0 = time.perf_counter()
+        ranked = rr.rerank(q["query"], hits)
+        seconds.append(time.perf_counter() - t0)
+        by_id = {it.passage.id: it.score for it in ranked.items}
+        scores[q["qid"]] = np.array([by_id[p.id] for p in ps])
+        for k in counters:
+            counters[k] += int(ranked.info[k])
+    return scores, seconds, counters
+
+
 def run(args: Namespace) -> dict[str, Any]:
     from eval.heads import choose
     from eval.probe_stats import collect
@@ -165,7 +238,8 @@ def run(args: Namespace) -> dict[str, Any]:
     from rerank.model import load_model
 
     opts = getattr(args, "opts", {}) or {}
-    check_opts(opts, ["depths", "queries", "config"])
+    check_opts(opts, ["depths", "queries", "config", "baselines", "baseline_depths", "baseline_queries"])
+    baselines, baseline_depths, baseline_limit = parse_baselines(opts, args.quick)
     depths = [int(x) for x in str(get_opt(opts, "depths", "20,100")).split(",")]
     queries, qrels = load_dl19(args.data_dir)
     limit = int(get_opt(opts, "queries", 0)) or (6 if args.quick else len(queries))
@@ -262,6 +336,23 @@ def run(args: Namespace) -> dict[str, Any]:
         by_id = {it.passage.id: it.score for it in ranked.items}
         scores[q["qid"]] = np.array([by_id[p.id] for p in q["passages"][:depth]])
     add(f"probe-default@{depth}", to_run(queries, scores), float(np.mean(t)))
+    # Baselines, end to end on the same candidates (windows of 20, best BM25 passage last in ICR prompts).
+    from rerank.config import ProbeConfig
+
+    b_queries = queries[:baseline_limit] if baseline_limit else queries
+    b_probe = ProbeConfig(
+        window_size=WINDOW, prompt_order="reversed", passage_max_tokens=cfg.probe.passage_max_tokens
+    )
+    # On a query subset, BM25's nDCG@10 over the same queries is the figure to read a baseline against.
+    subset = len(b_queries) < len(queries)
+    bm25_same = float(np.mean([per_q["bm25"][q["qid"]] for q in b_queries])) if subset else None
+    for depth in baseline_depths:
+        for name in baselines:
+            b_scores, b_sec, counters = run_baseline(model, name, b_queries, depth, b_probe)
+            extra: dict[str, Any] = {"queries": len(b_queries), **counters}
+            if bm25_same is not None:
+                extra["bm25_ndcg@10_same_queries"] = round(bm25_same, 4)
+            add(f"{name}@{depth}", to_run(b_queries, b_scores), float(np.mean(b_sec)), **extra)
     for name in systems:
         if name != "bm25":
             systems[name]["p_vs_bm25"] = round(paired_randomization(per_q[name], per_q["bm25"]), 4)
@@ -280,6 +371,9 @@ def run(args: Namespace) -> dict[str, Any]:
             "timing_note": "probe-* variants share one all-layer pass with the N/A pass; probe-default is "
             "timed separately with its own configuration",
             "grid_size": len(grid),
+            "baselines": baselines,
+            "baseline_depths": baseline_depths,
+            "baseline_queries": len(b_queries),
         },
         "systems": systems,
     }

@@ -51,7 +51,8 @@ class ProbeConfig(_Frozen):
     """The attention probe.
 
     Attributes:
-        engine: Registered probe engine (``attention``; ``identity`` keeps the retriever order).
+        engine: Registered probe engine (``attention``; ``identity`` keeps the retriever order; baselines
+            ``icr-reference``, ``listwise``, ``pointwise``, ``shuffle``, see :mod:`rerank.baselines`).
         layers: Inclusive ``[first, last]`` layer range read by the probe; None = all layers. The
             forward pass stops after ``last``.
         heads: Head indices to read; None = all heads.

@@ -80,9 +80,9 @@ class Pipeline:
     @property
     def reranker(self) -> Any:
         if self._reranker is None:
-            from rerank.reranker import build_reranker
+            from rerank.reranker import PROBE_ENGINES, build_reranker
 
-            needs_model = self.config.probe.engine != "identity"
+            needs_model = getattr(PROBE_ENGINES.get(self.config.probe.engine), "needs_model", True)
             self._reranker = build_reranker(self.config, self.model if needs_model else None)
         return self._reranker
 

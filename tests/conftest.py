@@ -1,4 +1,4 @@
-"""Session-wide fixtures: the shared data folder, the embedded encoder and the demo corpus (loaded once)."""
+"""Session-wide fixtures: the shared data folder, the embedded models and the demo corpus (loaded once)."""
 
 from __future__ import annotations
 
@@ -57,3 +57,14 @@ def dense_demo(dense_encoder, demo_passages):
     retriever = DenseRetriever(dense_encoder, encoder_name="embedded")
     retriever.index(demo_passages, show_progress=False)
     return retriever
+
+
+@pytest.fixture(scope="session")
+def smol_model():
+    """The embedded SmolLM2 with the default ModelConfig (bf16 on this CPU), loaded once per session.
+
+    Shared: a test that switches its attention kernel must leave a working one behind.
+    """
+    from rerank.model import load_model
+
+    return load_model()
