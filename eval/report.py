@@ -82,6 +82,68 @@ def _plot_bars(result: dict[str, Any], metric: str, path: Path) -> None:
     plt.close(fig)
 
 
+def _scaling_points(result: dict[str, Any]) -> dict[str, dict[int, float]]:
+    """``{system: {passages: seconds_per_query}}`` from the ``seconds_per_query@n`` metrics."""
+    out: dict[str, dict[int, float]] = {}
+    for name, s in result["systems"].items():
+        pts = {}
+        for metric, v in s.items():
+            head, _, n = metric.partition("@")
+            if head == "seconds_per_query" and n.isdigit() and isinstance(v, (int, float)):
+                pts[int(n)] = float(v)
+        if pts:
+            out[name] = dict(sorted(pts.items()))
+    return out
+
+
+def scaling_table(result: dict[str, Any]) -> str:
+    """Systems x passages table of seconds per query; ``skipped`` where a system refused that length."""
+    points = _scaling_points(result)
+    skipped = {
+        name: {int(m.partition("@")[2]) for m in s if m.startswith("skipped@") and m[8:].isdigit()}
+        for name, s in result["systems"].items()
+    }
+    lengths = sorted({n for pts in points.values() for n in pts} | set().union(*skipped.values()))
+    lines = [
+        "| system | " + " | ".join(f"{n} passages" for n in lengths) + " |",
+        "|---" * (len(lengths) + 1) + "|",
+    ]
+    for name in result["systems"]:
+        pts = points.get(name, {})
+        if not pts and not skipped[name]:
+            continue
+        cells = [_fmt(pts[n]) if n in pts else ("skipped" if n in skipped[name] else "") for n in lengths]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _plot_scaling(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    points = _scaling_points(result)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, pts in points.items():
+        ax.plot(list(pts), list(pts.values()), "o-", ms=4, label=name)
+    # Log-log: a straight line's slope is the growth exponent (1 = linear in passages, 2 = quadratic).
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xticks(sorted({n for pts in points.values() for n in pts}))
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("passages in the list")
+    ax.set_ylabel("seconds per query")
+    ax.set_title(f"{result['dataset']}: seconds per query vs passages", fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def run(args: Namespace) -> dict[str, Any]:
     opts = getattr(args, "opts", {}) or {}
     check_opts(opts, ["inputs", "out", "readme"])
@@ -110,6 +172,13 @@ def run(args: Namespace) -> dict[str, Any]:
             p = img / f"{f.stem}.png"
             _plot_position(r, p)
             parts.append(f"\n![gold recall@1 by slot](img/{p.name})\n")
+        if r["suite"] == "speed" and _scaling_points(r):
+            p = img / f"{f.stem}-scaling.png"
+            _plot_scaling(r, p)
+            parts.append(
+                f"\nSeconds per query by list length:\n\n{scaling_table(r)}\n\n"
+                f"![seconds per query vs passages](img/{p.name})\n"
+            )
         if r["suite"] in ("rerank", "retrieval", "qa"):
             metric = {"rerank": "ndcg@10", "retrieval": "ndcg@10", "qa": "accuracy"}[r["suite"]]
             p = img / f"{f.stem}.png"
