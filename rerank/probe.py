@@ -5,11 +5,13 @@ layer and, for the layers being probed, also computes ``softmax(q . K^T * scale)
 query rows only (the query tokens), against all keys: m x N memory instead of N x N. Once the last
 probed layer has been read, the forward pass is stopped (early exit): later layers never run.
 
-One probe of a prompt is up to three forward calls sharing one KV cache:
-  1. the prefix (instruction + passages), plain sdpa;
-  2. the query suffix (late instruction + query + assistant header), capturing its rows;
-  3. optionally the same suffix with the content-free query ``N/A`` after cropping the cache back to
-     the prefix (ICR's calibration pass), capturing its rows.
+One probe of a prompt is one or two forward calls sharing one KV cache:
+  1. the whole prompt (instruction + passages + late instruction + query + assistant header), reading
+     the rows of the query section only;
+  2. optionally the query section again with the content-free query ``N/A``, after cropping the cache
+     back to the prefix (ICR's calibration pass), reading its rows.
+(Sliding-window caches cannot be cropped, so for them the prefix is a call of its own and its cache is
+copied for the ``N/A`` pass.)
 
 With ``reuse_prefix``, the prefix's KV cache is kept after a probe, and the next prompt forwards only
 the tokens after the longest common token prefix of the two (the cache is cropped back to it). Lists
@@ -68,6 +70,7 @@ class _Capture:
     # layer -> (heads, kv_len) mean over captured rows, float32
     out: dict[int, torch.Tensor]
     capture: bool = True
+    rows: int | None = None  # how many trailing query rows of this call to read (None = all)
     total: int = 0  # absolute sequence length at this call (past + new tokens)
 
 
@@ -119,7 +122,8 @@ def _attn_probe_forward(
     soft_cap = kwargs.pop("softcap", None)
     if cap is not None and cap.capture and layer in cap.layers:
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        rows = _probe_rows(module, query, key, attention_mask, scale)
+        q = query if cap.rows is None else query[:, :, -cap.rows :]
+        rows = _probe_rows(module, q, key, attention_mask, scale)
         # A sliding-window cache hands over only the most recent keys; earlier positions got no attention.
         if rows.shape[-1] < cap.total:
             rows = torch.nn.functional.pad(rows, (cap.total - rows.shape[-1], 0))
@@ -240,12 +244,16 @@ class AttentionProbe:
     def max_tokens(self) -> int:
         return int(getattr(self.m.model.config, "max_position_embeddings", 4096))
 
-    def _forward(self, ids: Sequence[int], cache: Any, capture: bool) -> dict[int, torch.Tensor]:
+    def _forward(
+        self, ids: Sequence[int], cache: Any, capture: bool, rows: int | None = None
+    ) -> dict[int, torch.Tensor]:
+        """Forward ``ids`` after ``cache``; with ``capture``, read the last ``rows`` rows (default all)."""
         cap = _Capture(
             layers=frozenset(self.layers),
             stop_after=self.layers[-1] if self.early_exit else None,
             out={},
             capture=capture,
+            rows=rows,
             total=(cache.get_seq_length() if cache is not None else 0) + len(ids),
         )
         token = _ACTIVE.set(cap)
@@ -276,12 +284,17 @@ class AttentionProbe:
         cache, start = self._take_kept(prefix)
         if cache is None:
             cache = DynamicCache(config=self.m.model.config)
-        if start < p:
-            self._forward(prefix[start:], cache, capture=False)
-        # Sliding-window cache layers drop old states and cannot be cropped back; copy those instead.
+        # Sliding-window cache layers drop old states and cannot be cropped back: the N/A pass then needs
+        # a copy of the prefix's cache, taken between a prefix call and a query call. Otherwise prefix and
+        # query go through in one call, capturing only the query rows (a second call's fixed cost is a
+        # noticeable share of a short prompt's prefill).
         sliding = any("Sliding" in type(layer).__name__ for layer in getattr(cache, "layers", []))
-        spare = copy.deepcopy(cache) if (na_prompt is not None and sliding) else None
-        q_rows = self._forward(prompt.input_ids[p:], cache, capture=True)
+        spare = None
+        if na_prompt is not None and sliding:
+            self._forward(prefix[start:], cache, capture=False)
+            spare = copy.deepcopy(cache)
+            start = p
+        q_rows = self._forward(prompt.input_ids[start:], cache, capture=True, rows=prompt.num_tokens - p)
         na_rows = None
         if na_prompt is not None:
             if tuple(na_prompt.input_ids[: na_prompt.prefix_len]) != prefix:
