@@ -348,25 +348,34 @@ class ParsedPermutation:
 
 
 _INT = re.compile(r"[0-9]+")
+_BRACKETED = re.compile(r"\[\s*([0-9]+)\s*\]")
+# A bare list of numbers: digits with only separators between them ("3, 1, 2", "2 > 1 > 3").
+_BARE_RANKING = re.compile(r"^[\s0-9,;>|-]*$")
 
 
 def parse_permutation(text: str, n: int) -> ParsedPermutation:
     """Read a ranking like ``[2] > [1] > [3]`` of ``n`` passages from generated text.
 
-    Every run of ASCII digits is an identifier, read in order; identifiers outside ``1..n`` and repeats
-    are dropped; passages never named are appended in their original order. So any text yields a
-    permutation, and the counters say how much repair it took.
+    Identifiers are the bracketed numbers ``[k]`` in order; a text without any is read as a bare list of
+    numbers only when it holds nothing but digits and separators (``3, 1, 2``). Anything else (a small
+    model often copies passage text, numbers and all) yields no identifiers: a parse failure, and the
+    window keeps its order. Identifiers outside ``1..n`` and repeats are dropped; passages never named
+    are appended in their original order. So any text yields a permutation, and the counters say how
+    much repair it took.
 
     Raises:
         ValueError: ``n`` is negative.
     """
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
+    ids = [m.group(1) for m in _BRACKETED.finditer(text)]
+    if not ids and _BARE_RANKING.match(text):
+        ids = [m.group() for m in _INT.finditer(text)]
     order: list[int] = []
     seen: set[int] = set()
     oor = dup = 0
-    for m in _INT.finditer(text):
-        k = int(m.group()) - 1
+    for token in ids:
+        k = int(token) - 1
         if not 0 <= k < n:
             oor += 1
         elif k in seen:

@@ -117,13 +117,16 @@ def test_empty_list_and_duplicate_ids(smol_model, name):
         ("[1] > [2] > [3] > [4]", 3, (0, 1, 2), (3, 1, 0, 0), "repaired"),
         ("[1] > [2] > [", 3, (0, 1, 2), (2, 0, 0, 1), "repaired"),
         ("[10] > [2]", 12, (9, 1, 0, 2, 3, 4, 5, 6, 7, 8, 10, 11), (2, 0, 0, 10), "repaired"),
+        ("2 > 1 > 3", 3, (1, 0, 2), (3, 0, 0, 0), "ok"),
+        # Copied passage text is not a ranking, even though it holds numbers.
         (
             "1. The Eiffel Tower was built in 1889.\n2. Photosynthesis",
             4,
             (0, 1, 2, 3),
-            (2, 1, 0, 2),
-            "repaired",
+            (0, 0, 0, 4),
+            "failed",
         ),
+        ("Passage [3] mentions 1889; [1] does not", 3, (2, 0, 1), (2, 0, 0, 1), "repaired"),
         ("", 3, (0, 1, 2), (0, 0, 0, 3), "failed"),
         ("I cannot rank these passages.", 2, (0, 1), (0, 0, 0, 2), "failed"),
         ("[0] > [5] > [123456789012345678901234567890]", 4, (0, 1, 2, 3), (0, 3, 0, 4), "failed"),
