@@ -33,7 +33,7 @@ from rerank.config import PipelineConfig, ProbeConfig
 from rerank.model import LoadedModel
 from rerank.prompt import NA_QUERY, PromptTemplate, _chat_wrap, build_prompt, truncate_text
 from rerank.records import Passage, Query, RankedList, ScoredPassage
-from rerank.reranker import PROBE_ENGINES, Candidate, as_query, split_candidates
+from rerank.reranker import PROBE_ENGINES, Candidate, as_query, rerank_many, split_candidates
 from rerank.scoring import zscore
 
 logger = logging.getLogger(__name__)
@@ -176,15 +176,7 @@ class _Baseline:
         show_progress: bool = True,
     ) -> list[RankedList]:
         """Rerank many queries, with a progress bar."""
-        from tqdm.auto import tqdm
-
-        if len(queries) != len(lists):
-            raise ValueError(f"{len(queries)} queries but {len(lists)} candidate lists")
-        it = zip(queries, lists, strict=True)
-        return [
-            self.rerank(q, c, top_k=top_k)
-            for q, c in tqdm(it, total=len(queries), desc=self.name, unit="q", disable=not show_progress)
-        ]
+        return rerank_many(self, queries, lists, top_k=top_k, show_progress=show_progress, desc=self.name)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -605,6 +597,8 @@ class PointwiseReranker(_Baseline):
         """P(Yes) per passage (input order) and the number of forward passes."""
         import torch
 
+        from rerank.generate import left_pad
+
         assert self.model is not None
         tok = self.model.tokenizer
         enc = [tok(self.prompt_text(query, p), add_special_tokens=False)["input_ids"] for p in passages]
@@ -625,12 +619,7 @@ class PointwiseReranker(_Baseline):
         with attention_kernel(self.model, "sdpa"), torch.inference_mode():
             for b in range(0, len(order), self.batch_size):
                 idx = order[b : b + self.batch_size]
-                width = max(len(enc[i]) for i in idx)
-                ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-                mask = torch.zeros((len(idx), width), dtype=torch.long)
-                for r, i in enumerate(idx):
-                    ids[r, width - len(enc[i]) :] = torch.tensor(enc[i])
-                    mask[r, width - len(enc[i]) :] = 1
+                ids, mask = left_pad([enc[i] for i in idx], pad_id)
                 # Left padding: positions count real tokens only, as in an unpadded prompt.
                 pos = (mask.cumsum(-1) - 1).clamp(min=0)
                 hidden = base(

@@ -19,6 +19,24 @@ from rerank.prompt import PromptTemplate, _chat_wrap, truncate_text
 from rerank.records import Passage
 from retrievers.registry import Registry
 
+
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[Any, Any]:
+    """Token id lists as one left-padded batch: ``(ids, attention_mask)``, both (batch, longest) long.
+
+    Left padding keeps every sequence's last token in the last column, where the next token is read.
+    """
+    import torch
+
+    width = max(len(x) for x in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, x in enumerate(seqs):
+        if len(x):
+            ids[r, width - len(x) :] = torch.tensor(list(x))
+            mask[r, width - len(x) :] = 1
+    return ids, mask
+
+
 GENERATORS: Registry[Any] = Registry("generator")
 
 
@@ -114,12 +132,8 @@ class TransformersGenerator:
             starts = range(0, len(order), batch_size)
             for b in tqdm(starts, desc="generate", unit="batch", disable=not show_progress):
                 idx = order[b : b + batch_size]
-                width = max(len(enc[i]) for i in idx)
-                ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-                mask = torch.zeros((len(idx), width), dtype=torch.long)
-                for r, i in enumerate(idx):
-                    ids[r, width - len(enc[i]) :] = torch.tensor(enc[i])
-                    mask[r, width - len(enc[i]) :] = 1
+                ids, mask = left_pad([enc[i] for i in idx], pad_id)
+                width = ids.shape[1]
                 with torch.inference_mode():
                     gen = mm.generate(
                         ids.to(self.m.device),

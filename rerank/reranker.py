@@ -273,15 +273,32 @@ class AttentionReranker:
         show_progress: bool = True,
     ) -> list[RankedList]:
         """Rerank many queries, with a progress bar."""
-        from tqdm.auto import tqdm
+        return rerank_many(self, queries, lists, top_k=top_k, show_progress=show_progress)
 
-        if len(queries) != len(lists):
-            raise ValueError(f"{len(queries)} queries but {len(lists)} candidate lists")
-        it = zip(queries, lists, strict=True)
-        return [
-            self.rerank(q, c, top_k=top_k)
-            for q, c in tqdm(it, total=len(queries), desc="rerank", unit="q", disable=not show_progress)
-        ]
+
+def rerank_many(
+    reranker: Any,
+    queries: Sequence[str | Query],
+    lists: Sequence[Sequence[Candidate]],
+    *,
+    top_k: int | None = None,
+    show_progress: bool = True,
+    desc: str = "rerank",
+) -> list[RankedList]:
+    """``reranker.rerank`` over paired queries and candidate lists, with a progress bar.
+
+    Raises:
+        ValueError: The two sequences differ in length.
+    """
+    from tqdm.auto import tqdm
+
+    if len(queries) != len(lists):
+        raise ValueError(f"{len(queries)} queries but {len(lists)} candidate lists")
+    it = zip(queries, lists, strict=True)
+    return [
+        reranker.rerank(q, c, top_k=top_k)
+        for q, c in tqdm(it, total=len(queries), desc=desc, unit="q", disable=not show_progress)
+    ]
 
 
 def build_reranker(cfg: PipelineConfig, model: LoadedModel | None = None) -> Any:
@@ -292,7 +309,7 @@ def build_reranker(cfg: PipelineConfig, model: LoadedModel | None = None) -> Any
     return engine.from_config(cfg, model)
 
 
-__all__ = ["PROBE_ENGINES", "AttentionReranker", "IdentityReranker", "build_reranker"]
+__all__ = ["PROBE_ENGINES", "AttentionReranker", "IdentityReranker", "build_reranker", "rerank_many"]
 
 # The baselines register in PROBE_ENGINES on import; importing them here makes every engine name
 # resolvable wherever the registry is used. They import torch only when they run.

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from samples import PASSAGES, QUERY
 
 from rerank.baselines import (
     ICRReferenceReranker,
@@ -21,23 +22,6 @@ from rerank.config import CalibrationConfig, ModelConfig, PipelineConfig, ProbeC
 from rerank.records import Hit, Passage
 from rerank.reranker import PROBE_ENGINES, AttentionReranker, build_reranker
 
-PASSAGES = [
-    Passage(
-        id="eiffel",
-        title="Eiffel Tower",
-        text="The Eiffel Tower is a wrought-iron lattice tower in Paris, built in 1889.",
-    ),
-    Passage(id="photo", text="Photosynthesis converts light energy into chemical energy stored in sugars."),
-    Passage(
-        id="python",
-        text="Python is a programming language created by Guido van Rossum and first released in 1991.",
-    ),
-    Passage(
-        id="vaccine",
-        text="Vaccines train the immune system to recognise a pathogen without causing the disease.",
-    ),
-]
-QUERY = "who created the python programming language"
 BASELINES = ("icr-reference", "listwise", "pointwise", "shuffle")
 
 

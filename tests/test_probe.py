@@ -5,30 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from samples import PASSAGES, QUERY
 
 from rerank.config import ModelConfig, ProbeConfig
 from rerank.model import load_model, wrap_model
 from rerank.probe import AttentionProbe, check_supported, reference_rows
 from rerank.prompt import NA_QUERY, build_prompt
 from rerank.records import Passage
-
-PASSAGES = [
-    Passage(
-        id="eiffel",
-        title="Eiffel Tower",
-        text="The Eiffel Tower is a wrought-iron lattice tower in Paris, built in 1889.",
-    ),
-    Passage(id="photo", text="Photosynthesis converts light energy into chemical energy stored in sugars."),
-    Passage(
-        id="python",
-        text="Python is a programming language created by Guido van Rossum and first released in 1991.",
-    ),
-    Passage(
-        id="vaccine",
-        text="Vaccines train the immune system to recognise a pathogen without causing the disease.",
-    ),
-]
-QUERY = "who created the python programming language"
 
 
 @pytest.fixture(scope="module")
