@@ -101,6 +101,15 @@ def _make_rank_bm25(corpus_tokens: list[list[str]], k1: float, b: float) -> Any:
     return _LuceneIdfBM25Okapi(corpus_tokens, k1=k1, b=b)
 
 
+def _import_bm25s() -> Any:
+    """Import bm25s, quieting its logger: it sets itself to DEBUG, so every index build would be printed
+    by any application that configures logging."""
+    import bm25s
+
+    logging.getLogger("bm25s").setLevel(logging.WARNING)
+    return bm25s
+
+
 class BM25Retriever(BaseRetriever):
     """BM25 retrieval with a choice of backend; both give the same scores.
 
@@ -165,7 +174,7 @@ class BM25Retriever(BaseRetriever):
         logger.info("BM25 (%s) indexed %d passages, %d terms", self.backend, len(self), len(vocab))
 
     def _build_bm25s(self, corpus_ids: list[list[int]], show_progress: bool) -> None:
-        import bm25s
+        bm25s = _import_bm25s()
 
         # float64 so that scores match rank_bm25's (numpy float64) beyond float32 rounding.
         model = bm25s.BM25(k1=self.k1, b=self.b, method="lucene", dtype="float64")
@@ -259,7 +268,7 @@ class BM25Retriever(BaseRetriever):
         terms = json.loads((directory / "vocab.json").read_text(encoding="utf-8"))
         self._vocab = {t: i for i, t in enumerate(terms)}
         if self.backend == "bm25s":
-            import bm25s
+            bm25s = _import_bm25s()
 
             self._model = bm25s.BM25.load(
                 str(directory / "bm25s"), allow_pickle=False, show_progress=show_progress
