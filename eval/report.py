@@ -199,7 +199,12 @@ def run(args: Namespace) -> dict[str, Any]:
             "speed": None,
             "heads": ["ndcg@10"],
         }.get(r["suite"])
-        if r["suite"] != "speed":
+        if r["suite"] == "speed" and _scaling_points(r):
+            summary.append(
+                f"**speed** (`{f.name}`) — {r['dataset']}{quick}: seconds per query by list length\n\n"
+                f"{scaling_table(r)}\n"
+            )
+        elif r["suite"] != "speed":
             where = " — on the lent GPU" if r["suite"] == "gpu-speed" else ""
             summary.append(
                 f"**{r['suite']}** (`{f.name}`{where}) — {r['dataset']}{quick}\n\n{table(r, key)}\n"
