@@ -33,7 +33,15 @@ from rerank.config import PipelineConfig, ProbeConfig
 from rerank.model import LoadedModel
 from rerank.prompt import NA_QUERY, PromptTemplate, _chat_wrap, build_prompt, truncate_text
 from rerank.records import Passage, Query, RankedList, ScoredPassage
-from rerank.reranker import PROBE_ENGINES, Candidate, as_query, rerank_many, split_candidates
+from rerank.reranker import (
+    PROBE_ENGINES,
+    Candidate,
+    as_query,
+    probe_windows,
+    prompt_slots,
+    rerank_many,
+    split_candidates,
+)
 from rerank.scoring import zscore
 
 logger = logging.getLogger(__name__)
@@ -265,15 +273,13 @@ class ICRReferenceReranker(_Baseline):
         cal = np.empty(n)
         final = np.empty(n)
         pos = [0] * n
-        w = self.cfg.window_size
-        windows = [list(range(i, min(i + w, n))) for i in range(0, n, w)]
+        windows = probe_windows(n, self.cfg)
         tokens = 0
         peak = 0.0
         assert self.model is not None
         with attention_kernel(self.model, "eager"):
             for idx in windows:
-                # Prompt slot -> candidate index; ``reversed`` puts the first-stage best last.
-                slots = idx[::-1] if self.cfg.prompt_order == "reversed" else idx
+                slots = [idx[j] for j in prompt_slots(len(idx), self.cfg)]
                 prompt_ps = [passages[c] for c in slots]
                 kw = {"max_passage_tokens": self.cfg.passage_max_tokens, "template": self.template}
                 pr = build_prompt(self.model.tokenizer, query, prompt_ps, **kw)

@@ -74,6 +74,18 @@ def template_id(template: PromptTemplate) -> str:
     return hashlib.sha256(repr(asdict(template)).encode()).hexdigest()[:12]
 
 
+def prompt_slots(n: int, probe: ProbeConfig) -> list[int]:
+    """Prompt slot -> candidate index for a window of ``n`` candidates in retriever order (best first);
+    ``reversed`` puts the best one last, next to the query."""
+    return list(range(n))[::-1] if probe.prompt_order == "reversed" else list(range(n))
+
+
+def probe_windows(n: int, probe: ProbeConfig) -> list[range]:
+    """Consecutive windows of at most ``probe.window_size`` candidates that share one prompt each."""
+    w = probe.window_size
+    return [range(i, min(i + w, n)) for i in range(0, n, w)]
+
+
 @PROBE_ENGINES.register("identity")
 class IdentityReranker:
     """Keeps the first-stage order (a control)."""
@@ -174,8 +186,7 @@ class AttentionReranker:
         }
 
     def _window_order(self, n: int) -> list[int]:
-        # Prompt slot -> candidate index (candidates arrive in retriever order, best first).
-        return list(range(n))[::-1] if self.cfg.prompt_order == "reversed" else list(range(n))
+        return prompt_slots(n, self.cfg)
 
     def _probe_scores(self, query: str, prompt_passages: Sequence[Passage]) -> tuple[np.ndarray, np.ndarray]:
         """Raw and calibrated scores of passages probed in exactly the given prompt order."""
@@ -209,8 +220,7 @@ class AttentionReranker:
         return self._probe_scores(query, passages)[1]
 
     def _windows(self, n: int) -> list[range]:
-        w = self.cfg.window_size
-        return [range(i, min(i + w, n)) for i in range(0, n, w)]
+        return probe_windows(n, self.cfg)
 
     def rerank(
         self,
