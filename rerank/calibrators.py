@@ -36,7 +36,7 @@ class ScoreSettings:
 
     def kind(self, score_kind: str) -> str:
         """``nacal`` calibrators use the configured N/A form."""
-        return "logratio" if score_kind == "nacal" and self.nacal_form == "logratio" else score_kind
+        return self.nacal_form if score_kind == "nacal" and self.nacal_form != "difference" else score_kind
 
 
 class Calibrator(Protocol):

@@ -59,8 +59,9 @@ class ProbeConfig(_Frozen):
         head_set: Explicit ``[layer, head]`` pairs to read (chosen on held-out data); overrides
             ``heads``, and the probe then stops after the deepest of these layers.
         nacal_form: How the content-free (``N/A``) pass corrects the query's attention: ``difference``
-            (ICR: per token, query minus N/A) or ``logratio`` (per head, log query / N/A attention to
-            the passage, standardised over the passages and averaged over heads).
+            (ICR: per token, query minus N/A), ``logratio`` (per head, log query / N/A attention to
+            the passage, standardised over the passages and averaged over heads) or ``ratio`` (log of
+            query / N/A attention to the passage, each summed over the layers and heads read).
         aggregation: How token scores become a passage score: ``sum``, ``mean`` or ``icr`` (drop
             tokens below mean - 2 std, then sum, as in In-Context Reranking).
         prompt_order: ``reversed`` puts the retriever's best passage last, next to the query;
@@ -79,7 +80,7 @@ class ProbeConfig(_Frozen):
     layers: tuple[int, int] | None = None
     heads: tuple[int, ...] | None = None
     head_set: tuple[tuple[int, int], ...] | None = None
-    nacal_form: Literal["difference", "logratio"] = "difference"
+    nacal_form: Literal["difference", "logratio", "ratio"] = "difference"
     aggregation: Literal["sum", "mean", "icr"] = "mean"
     prompt_order: Literal["reversed", "retriever"] = "reversed"
     passage_max_tokens: int = Field(default=300, ge=1)

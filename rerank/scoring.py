@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SCORE_KINDS = ("raw", "nacal", "logratio")
+SCORE_KINDS = ("raw", "nacal", "logratio", "ratio")
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,9 @@ def passage_scores(
         kind: ``raw`` (query attention), ``nacal`` (query minus ``N/A`` attention, token by token) or
             ``logratio`` (per head, log of query over ``N/A`` attention to the passage, standardised
             across the passages, averaged over heads: a multiplicative content-free correction in
-            which every selected head votes with equal weight).
+            which every selected head votes with equal weight) or ``ratio`` (log of the query's
+            attention to the passage over the ``N/A`` query's, each summed over the selected layers
+            and heads first: the same correction pooled, so heads weigh by their attention mass).
         layers: Inclusive layer range to sum; None = every probed layer.
         heads: Heads to sum; None = all.
         head_set: Explicit ``(layer, head)`` pairs; overrides ``layers`` and ``heads``.
@@ -84,6 +86,9 @@ def passage_scores(
     if kind == "logratio":
         hs = range(stats.query.shape[1]) if heads is None else heads
         return _head_set_scores(stats, kind, [(stats.layers[i], h) for i in li for h in hs])
+    if kind == "ratio":
+        hs = slice(None) if heads is None else list(heads)
+        return _log_ratio(stats.query[li][:, hs].sum(axis=(0, 1)), stats.na[li][:, hs].sum(axis=(0, 1)))
     if aggregation == "icr":
         return _icr_scores(stats, kind, li)
     if aggregation not in ("sum", "mean"):
@@ -97,12 +102,21 @@ def passage_scores(
     return s.astype(np.float64)
 
 
+def _log_ratio(query: np.ndarray, na: np.ndarray) -> np.ndarray:
+    # The passage's length and the share of attention its slot draws whatever the query cancel out.
+    return (np.log(query.astype(np.float64) + 1e-9) - np.log(na.astype(np.float64) + 1e-9)).astype(np.float64)
+
+
 def _head_set_scores(stats: PassageStats, kind: str, head_set: Sequence[tuple[int, int]]) -> np.ndarray:
     pos = {layer: i for i, layer in enumerate(stats.layers)}
     missing = sorted({layer for layer, _ in head_set if layer not in pos})
     if missing:
         raise ValueError(f"head_set names layers {missing} that were not probed")
     q = np.stack([stats.query[pos[layer], h] for layer, h in head_set])  # (heads, P)
+    if kind == "ratio":
+        return _log_ratio(
+            q.sum(axis=0), np.stack([stats.na[pos[layer], h] for layer, h in head_set]).sum(axis=0)
+        )
     if kind == "logratio":
         # log q - log na: the passage's length cancels, and so does the share of attention its slot
         # draws whatever the query (the N/A pass sees the same slots).

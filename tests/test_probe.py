@@ -167,6 +167,24 @@ def test_content_free_calibration_finds_the_answer(smol32):
     assert all(it.raw_score is not None and it.calibrated_score is not None for it in ranked.items)
 
 
+def test_ratio_score_pools_layers_before_the_log_and_finds_the_answer(smol32):
+    from rerank.probe import stats_of
+    from rerank.reranker import AttentionReranker
+    from rerank.scoring import passage_scores
+
+    out = AttentionProbe(smol32, layers=(12, 19)).probe(QUERY, PASSAGES, content_free=True)
+    # Independently of the per-head arrays: token rows summed over heads, then over each passage's span.
+    q = np.array([out.query_tok[:, s:e].sum() for s, e in out.spans])
+    na = np.array([out.na_tok[:, s:e].sum() for s, e in out.spans])
+    got = passage_scores(stats_of(out), kind="ratio")
+    np.testing.assert_allclose(got, np.log(q + 1e-9) - np.log(na + 1e-9), atol=1e-5)
+    # An explicit head set of every head in the band is the same pooled score.
+    every = [(layer, h) for layer in out.layers for h in range(out.query_head.shape[1])]
+    np.testing.assert_allclose(passage_scores(stats_of(out), kind="ratio", head_set=every), got, atol=1e-9)
+    rr = AttentionReranker(smol32, ProbeConfig(layers=(12, 19), nacal_form="ratio"))
+    assert rr.rerank(QUERY, PASSAGES).ids[0] == "python"
+
+
 def test_windows_are_standardised_including_a_lone_last_window(smol32):
     from rerank.reranker import AttentionReranker
 
