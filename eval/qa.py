@@ -30,6 +30,11 @@ plus the system's generation time divided by the questions. Options (``--opt``):
 (default 300; quick 3), ``dev_questions=N`` (default 40; quick 2), ``config=PATH``,
 ``max_new_tokens=N`` (default 24), ``batch_size=N`` (default 8), ``curve=PATH`` (the raw-attention
 curve whose slot profile ``bias_aligned`` follows; the system is left out when the file is missing).
+
+A long run can be split over processes or sessions: ``start=S`` scores test questions ``S`` to
+``questions - 1`` only, and ``policy=KEY`` (e.g. ``bm25+probe:best_last/top_k1``) takes the
+``best-policy`` choice made on dev by an earlier part instead of repeating the dev runs. Parts over
+disjoint question ranges are then combined by the ``merge`` suite (see ``eval/merge.py``).
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from eval.common import REPO_ROOT, check_opts, get_opt, require_data
+from eval.common import REPO_ROOT, SuiteError, check_opts, get_opt, require_data
 
 N = 20
 CANDIDATE_POLICIES = [
@@ -73,10 +78,21 @@ def run(args: Namespace) -> dict[str, Any]:
     from retrievers.records import Hit
 
     opts = getattr(args, "opts", {}) or {}
-    check_opts(opts, ["questions", "dev_questions", "config", "max_new_tokens", "batch_size", "curve"])
+    check_opts(
+        opts,
+        ["questions", "start", "dev_questions", "config", "max_new_tokens", "batch_size", "curve", "policy"],
+    )
     require_data(args.data_dir, "nq-open-oracle")
     n_q = int(get_opt(opts, "questions", 3 if args.quick else 300))
     n_dev = int(get_opt(opts, "dev_questions", 2 if args.quick else 40))
+    start = int(get_opt(opts, "start", 0))
+    if not 0 <= start < n_q:
+        raise SuiteError(f"start={start} must be at least 0 and below questions={n_q}")
+    given_policy = get_opt(opts, "policy", "")
+    candidates = [(r, o, p, k) for r in RANKINGS for o, p, k in CANDIDATE_POLICIES]
+    keys = {f"{r}:{o}/{p}{k}": (r, o, p, k) for r, o, p, k in candidates}
+    if given_policy and given_policy not in keys:
+        raise SuiteError(f"unknown policy={given_policy!r}; choose one of: {', '.join(keys)}")
     fused_cfg = load_config(Path(get_opt(opts, "config", str(REPO_ROOT / "configs" / "default.yaml"))))
     if fused_cfg.probe.first_stage_weight <= 0:
         raise ValueError("the config's probe.first_stage_weight must be > 0 for the bm25+probe systems")
@@ -100,7 +116,7 @@ def run(args: Namespace) -> dict[str, Any]:
     )
     curve = BiasCurve.load(curve_path) if curve_path.is_file() else None
     test, dev = load_nq(args.data_dir)
-    test, dev = test[:n_q], dev[:n_dev]
+    test, dev = test[start:n_q], dev[:n_dev]
 
     def bm25_hits(question: str, passages: list[Any]) -> list[Any]:
         bm = BM25Retriever(backend="bm25s")
@@ -154,15 +170,16 @@ def run(args: Namespace) -> dict[str, Any]:
         dt = (time.perf_counter() - t0) / max(len(items), 1)
         return [best_subspan_em(o, it.answers) for o, it in zip(outs, items, strict=True)], dt
 
-    # Choose the best order/prune combination on dev questions.
-    dev_ctx = [contexts(item, seed=1)[0] for item in tqdm(dev, desc="qa dev probe", unit="q")]
     dev_acc: dict[str, list[float]] = {}
-    candidates = [(r, o, p, k) for r in RANKINGS for o, p, k in CANDIDATE_POLICIES]
-    for r, order, prune, k in candidates:
-        key = f"{r}:{order}/{prune}{k}"
-        dev_acc[key], _ = answer_all(dev, dev_ctx, key)
-    # Ties go to the smaller context, then to the probe alone (the cheaper ranking).
-    best = max(candidates, key=lambda c: (np.mean(dev_acc[f"{c[0]}:{c[1]}/{c[2]}{c[3]}"]), -c[3]))
+    if given_policy:
+        best = keys[given_policy]
+    else:
+        # Choose the best order/prune combination on dev questions.
+        dev_ctx = [contexts(item, seed=1)[0] for item in tqdm(dev, desc="qa dev probe", unit="q")]
+        for key in keys:
+            dev_acc[key], _ = answer_all(dev, dev_ctx, key)
+        # Ties go to the smaller context, then to the probe alone (the cheaper ranking).
+        best = max(candidates, key=lambda c: (np.mean(dev_acc[f"{c[0]}:{c[1]}/{c[2]}{c[3]}"]), -c[3]))
     best_key = f"{best[0]}:{best[1]}/{best[2]}{best[3]}"
     best_bm25_key = f"bm25:{best[1]}/{best[2]}{best[3]}"
 
@@ -204,6 +221,7 @@ def run(args: Namespace) -> dict[str, Any]:
     systems["best-policy-bm25"]["chosen"] = best_bm25_key  # type: ignore[assignment]
     return {
         "dataset": f"nq-open-oracle test split ({len(test)} questions, gold at a random slot of 20)",
+        "questions": {"start": start, "stop": start + len(test)},
         "config": {
             "model": model.model_id,
             "dtype": model.dtype,
@@ -211,8 +229,9 @@ def run(args: Namespace) -> dict[str, Any]:
             "bm25+probe_first_stage_weight": fused_cfg.probe.first_stage_weight,
             "calibration": cfg.calibration.model_dump(),
             "max_new_tokens": max_new,
-            "dev_questions": len(dev),
+            "dev_questions": 0 if given_policy else len(dev),
             "dev_accuracy": {k: round(float(np.mean(v)), 4) for k, v in dev_acc.items()},
+            "best_policy_source": "given (policy=)" if given_policy else "chosen on dev",
         },
         "systems": systems,
     }

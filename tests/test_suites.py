@@ -64,9 +64,13 @@ def test_rerank_suite(data_dir: Path, tmp_path: Path) -> None:
 
 
 def test_position_suite(data_dir: Path, tmp_path: Path) -> None:
-    r = _run("position", data_dir, tmp_path, "questions=2", "timing_lists=1")
+    r = _run("position", data_dir, tmp_path, "questions=3", "timing_lists=1", "fresh_from=2")
     sys_ = r["systems"]
-    assert set(sys_) == {"probe-raw", "probe-nacal", "probe-curve", "probe-curve+nacal", "bm25"}
+    assert set(sys_) == {"probe-raw", "probe-nacal", "probe-curve", "probe-curve+nacal", "bm25", "probe-cv"}
+    # Nested CV: one pick per fold (3 folds of one question), each a kind/band/form of the grid.
+    assert len(sys_["probe-cv"]["chosen"]) == 3
+    assert all(len(c.split("/")) == 3 for c in sys_["probe-cv"]["chosen"])
+    assert r["fresh"]["questions"] == 1 and set(r["fresh"]["systems"]) == set(sys_)
     for s in sys_.values():
         assert len([k for k in s if k.startswith("recall@1@pos")]) == 20
         assert len([k for k in s if k.startswith("recall@1@bin")]) == 5
@@ -99,6 +103,22 @@ def test_qa_suite(data_dir: Path, tmp_path: Path) -> None:
     assert sys_["bm25-best_last"]["gold_in_context"] == 1.0
     assert sys_["gold-only"]["gold_in_context"] == 1.0
     assert sys_["closed-book"]["gold_in_context"] == 0.0
+
+
+@pytest.mark.parametrize(
+    ("opts", "message"),
+    [
+        (["start=3"], "start=3 must be at least 0 and below questions=3"),
+        (["policy=probe:best_last/top_k4"], "unknown policy='probe:best_last/top_k4'"),
+    ],
+)
+def test_qa_suite_refuses_a_bad_part(data_dir: Path, tmp_path: Path, capsys, opts, message) -> None:
+    args = ["qa", "--quick", "--data-dir", str(data_dir), "--output", str(tmp_path / "qa.json")]
+    for o in opts:
+        args += ["--opt", o]
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "qa.json").exists()
 
 
 def test_heads_suite(data_dir: Path, tmp_path: Path) -> None:

@@ -1,0 +1,103 @@
+"""Merging result JSONs of a suite run in parts over disjoint question ranges."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+from eval.common import SuiteError
+from eval.merge import main, merge_parts
+
+
+def _part(
+    start: int, stop: int, acc: float, secs: float, chosen: str = "bm25+probe:best_last/top_k1"
+) -> dict:
+    return {
+        "suite": "qa",
+        "dataset": f"nq-open-oracle test split ({stop - start} questions, gold at a random slot of 20)",
+        "questions": {"start": start, "stop": stop},
+        "config": {
+            "model": "m",
+            "max_new_tokens": 24,
+            "quick": False,
+            "opts": {"start": str(start), "questions": str(stop)},
+            "wall_seconds": 10.0,
+            "dev_questions": 0,
+            "dev_accuracy": {},
+        },
+        "systems": {
+            "retriever-order": {"accuracy": acc, "seconds_per_query": secs, "gold_in_context": 1.0},
+            "best-policy": {
+                "accuracy": acc / 2,
+                "seconds_per_query": 1.0,
+                "gold_in_context": 0.5,
+                "chosen": chosen,
+            },
+        },
+        "machine": {"cpu": "x", "thread_env": {"OMP_NUM_THREADS": "1"}},
+    }
+
+
+def test_weighted_means_equal_one_run_over_all_questions() -> None:
+    a = _part(0, 150, acc=0.2, secs=4.0)
+    # The first part chose the policy on dev; its dev figures are kept.
+    a["config"].update(dev_questions=40, dev_accuracy={"bm25+probe:best_last/top_k1": 0.35})
+    a["config"]["opts"] = {"questions": "150"}  # as written before start= existed
+    del a["questions"]
+    b = _part(225, 300, acc=0.4, secs=8.0)
+    c = _part(150, 225, acc=0.0, secs=2.0)
+    m = merge_parts([("a.json", a), ("b.json", b), ("c.json", c)])
+    assert m["questions"] == {"start": 0, "stop": 300}
+    ro = m["systems"]["retriever-order"]
+    assert ro["accuracy"] == pytest.approx((150 * 0.2 + 75 * 0.4 + 75 * 0.0) / 300)
+    assert ro["seconds_per_query"] == pytest.approx((150 * 4 + 75 * 8 + 75 * 2) / 300)
+    assert m["systems"]["best-policy"]["chosen"] == "bm25+probe:best_last/top_k1"
+    assert m["config"]["dev_questions"] == 40 and m["config"]["dev_accuracy"]
+    assert m["dataset"].startswith("nq-open-oracle test split (300 questions")
+    assert [p["file"] for p in m["parts"]] == ["a.json", "c.json", "b.json"]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda p: p["questions"].update(start=140), "overlaps"),
+        (lambda p: p["questions"].update(start=160), "gap"),
+        (lambda p: p["config"].update(max_new_tokens=32), "max_new_tokens"),
+        (lambda p: p["systems"]["best-policy"].update(chosen="probe:best_last/top_k3"), "same policy"),
+        (lambda p: p["systems"].pop("retriever-order"), "other systems"),
+        (lambda p: p.update(suite="position"), "suites"),
+    ],
+)
+def test_refuses_parts_that_are_not_one_experiment(change, message: str) -> None:
+    a = _part(0, 150, 0.2, 4.0)
+    b = _part(150, 300, 0.3, 4.0)
+    change(b)
+    with pytest.raises(SuiteError, match=message):
+        merge_parts([("a.json", a), ("b.json", b)])
+
+
+def test_refuses_a_single_part_and_an_unknown_range() -> None:
+    a = _part(0, 150, 0.2, 4.0)
+    with pytest.raises(SuiteError, match="at least two"):
+        merge_parts([("a.json", a)])
+    b = copy.deepcopy(a)
+    del b["questions"]
+    b["config"]["opts"] = {}
+    with pytest.raises(SuiteError, match="not recorded"):
+        merge_parts([("a.json", _part(150, 300, 0.2, 4.0)), ("b.json", b)])
+
+
+def test_command_line_writes_the_merge_and_reports_refusals(tmp_path: Path, capsys) -> None:
+    pa, pb = tmp_path / "a.json", tmp_path / "b.json"
+    pa.write_text(json.dumps(_part(0, 100, 0.1, 1.0)))
+    pb.write_text(json.dumps(_part(100, 300, 0.4, 1.0)))
+    out = tmp_path / "merged.json"
+    assert main([str(pb), str(pa), "--output", str(out)]) == 0
+    merged = json.loads(out.read_text())
+    assert merged["suite"] == "qa"
+    assert merged["systems"]["retriever-order"]["accuracy"] == pytest.approx(0.3)
+    assert main([str(pa), str(tmp_path / "missing.json"), "--output", str(out)]) == 2
+    assert "part not found" in capsys.readouterr().err
