@@ -221,7 +221,7 @@ def fit_curve(
             whole list, exactly as :meth:`BiasCurve.apply` will.
         mode: Correction form, one of ``multiplicative``, ``subtractive``, ``zscore``.
         meta: Model and probe identity, stored with the curve (see ``MATCH_KEYS``).
-        n_bootstrap: Resamples of the lists for the 95% band.
+        n_bootstrap: Resamples of the lists for the 95% band (0: no band, for quick refits).
 
     Raises:
         ValueError: Unknown mode, no samples, or a slot with no distractor observation.
@@ -247,6 +247,8 @@ def fit_curve(
             raise ValueError(f"list length {n}: some slot has no distractor observation; use more samples")
         mean[n] = _smooth(np.nanmean(mat, axis=0))
         sd[n] = _smooth(np.nanstd(mat, axis=0))
+        if n_bootstrap <= 0:
+            continue
         with warnings.catch_warnings():
             # A resample can miss a slot's only observations; that resample gives NaN there and is skipped.
             warnings.simplefilter("ignore", RuntimeWarning)

@@ -9,13 +9,20 @@ from those same passes:
 ``probe-curve``         raw attention corrected by the fitted curve (no extra pass)
 ``probe-curve+nacal``   N/A-calibrated score corrected by a curve fitted on such scores
 ``bm25``                BM25 order within the list: position-blind by construction, a reference
+``probe-cv``            score kind (raw, N/A difference, ``logratio``, ``ratio``), layer band and curve
+                        form chosen by nested cross-validation over the test questions: for each of
+                        5 folds the variant with the best inner-CV (mean recall@1 - bin spread) on the
+                        other questions is picked, its curve fitted on their distractor slots, and
+                        the held-out fold scored; ``chosen`` lists each fold's pick
 
 Metrics: gold recall@1 per slot (``recall@1@pos1`` .. ``@pos20``), per bin of four slots (``@bin1`` ..
 ``@bin5``), ``bin_spread`` (max - min over bins), ``recall@1`` (mean), ``mrr``; ``seconds_per_query`` is
 timed separately per calibrator on the same lists (interleaved), since the shared pass runs ``N/A`` for all.
 
 Options (``--opt``): ``questions=N`` (default 300; quick 4), ``config=PATH`` (probe settings; default
-configs/default.yaml), ``curve_raw=PATH``, ``curve_nacal=PATH``, ``timing_lists=N`` (default 20).
+configs/default.yaml), ``curve_raw=PATH``, ``curve_nacal=PATH``, ``timing_lists=N`` (default 20),
+``fresh_from=K``: also summarise every system over test questions ``K`` onwards only (``fresh``), for
+when the first ``K`` questions were looked at while choosing the configuration.
 """
 
 from __future__ import annotations
@@ -27,10 +34,14 @@ from typing import Any
 
 import numpy as np
 
-from eval.common import REPO_ROOT, check_opts, get_opt, require_data
+from eval.common import REPO_ROOT, SuiteError, check_opts, get_opt, require_data
 
 N = 20
 BINS = 5
+CV_FOLDS = 5
+CV_KINDS = ("raw", "nacal", "ratio", "logratio")
+CV_BANDS: tuple[tuple[int, int], ...] = ((0, 23), (5, 23), (8, 16), (12, 19), (12, 23), (16, 23))
+CV_FORMS = ("none", "subtractive", "zscore", "multiplicative")
 
 CURVES = REPO_ROOT / "calibration" / "curves"
 
@@ -59,6 +70,59 @@ def gold_rank(scores: np.ndarray, gold: int) -> int:
     return int((scores >= scores[gold]).sum())
 
 
+def _fit(scores: np.ndarray, qs: np.ndarray, form: str) -> Any:
+    """Curve of ``form`` fitted on the distractor slots of questions ``qs`` (None for ``none``)."""
+    from calibration.curve import fit_curve
+
+    if form == "none":
+        return None
+    samples = [(scores[q, p], range(N), [j != p for j in range(N)]) for q in qs for p in range(N)]
+    return fit_curve(samples, mode=form, n_bootstrap=0)
+
+
+def _ranks(scores: np.ndarray, qs: np.ndarray, curve: Any) -> np.ndarray:
+    """(questions, gold slot) rank of the gold passage after the curve."""
+    return np.array(
+        [[gold_rank(curve.apply(scores[q, p]) if curve else scores[q, p], p) for p in range(N)] for q in qs]
+    )
+
+
+def _objective(ranks: np.ndarray) -> float:
+    per_pos = (ranks == 1).mean(axis=0)
+    bins = per_pos.reshape(BINS, -1).mean(axis=1)
+    return float(per_pos.mean() - (bins.max() - bins.min()))
+
+
+def nested_cv(
+    variants: dict[str, tuple[np.ndarray, str]], folds: int = CV_FOLDS, seed: int = 0
+) -> tuple[np.ndarray, list[str]]:
+    """Held-out gold ranks (questions, slot) and each outer fold's chosen variant.
+
+    ``variants[name] = (scores, form)`` with ``scores`` of shape (questions, gold slot, prompt slot).
+    """
+    nq = next(iter(variants.values()))[0].shape[0]
+    folds = min(folds, nq)
+    if folds < 3:
+        raise ValueError(f"nested cross-validation needs at least 3 questions, got {nq}")
+    order = np.random.default_rng(seed).permutation(nq)
+    ranks = np.zeros((nq, N), dtype=np.int64)
+    chosen = []
+    for test in np.array_split(order, folds):
+        train = np.setdiff1d(order, test)
+        inner = np.array_split(train, folds - 1)
+
+        def inner_score(name: str, train: np.ndarray = train, inner: list[np.ndarray] = inner) -> float:
+            scores, form = variants[name]
+            r = [_ranks(scores, g, _fit(scores, np.setdiff1d(train, g), form)) for g in inner]
+            return _objective(np.concatenate(r))
+
+        best = max(variants, key=inner_score)
+        scores, form = variants[best]
+        ranks[test] = _ranks(scores, test, _fit(scores, train, form))
+        chosen.append(best)
+    return ranks, chosen
+
+
 def run(args: Namespace) -> dict[str, Any]:
     from calibration.curve import BiasCurve
     from eval.nq import load_nq
@@ -71,7 +135,7 @@ def run(args: Namespace) -> dict[str, Any]:
     from retrievers.bm25 import BM25Retriever
 
     opts = getattr(args, "opts", {}) or {}
-    check_opts(opts, ["questions", "config", "curve_raw", "curve_nacal", "timing_lists"])
+    check_opts(opts, ["questions", "config", "curve_raw", "curve_nacal", "timing_lists", "fresh_from"])
     require_data(args.data_dir, "nq-open-oracle")
     n_q = int(get_opt(opts, "questions", 4 if args.quick else 300))
     cfg = load_config(Path(get_opt(opts, "config", str(REPO_ROOT / "configs" / "default.yaml"))))
@@ -125,6 +189,39 @@ def run(args: Namespace) -> dict[str, Any]:
         for pos in range(N):
             ranks["bm25"][pos].append(r)
     systems = {name: summarize(ranks[name]) for name in names}
+    # Nested cross-validation over score kinds, layer bands and curve forms (see the module docstring).
+    bands: list[Any] = [b for b in CV_BANDS if last is None or b[1] <= last]
+    bands += [tuple(map(tuple, probe_cfg.head_set))] if probe_cfg.head_set else []
+    variants: dict[str, tuple[np.ndarray, str]] = {}
+    for kind in CV_KINDS:
+        for band in bands:
+            hs = band if isinstance(band[0], tuple) else None
+            band_kw = {"head_set": hs} if hs else {"layers": band}
+            arr = np.array(
+                [
+                    [passage_scores(stats[f"{it.qid}:{pos}"], kind=kind, **band_kw) for pos in range(N)]
+                    for it in test
+                ]
+            )
+            label = "head_set" if hs else f"layers{band[0]}-{band[1]}"
+            for form in CV_FORMS:
+                if form == "multiplicative" and kind != "raw":
+                    continue  # a ratio needs positive scores
+                variants[f"{kind}/{label}/{form}"] = (arr, form)
+    cv_ranks, chosen = nested_cv(variants)
+    systems["probe-cv"] = summarize({p: list(cv_ranks[:, p]) for p in range(N)})
+    systems["probe-cv"]["chosen"] = chosen  # type: ignore[assignment]
+    fresh_from = int(get_opt(opts, "fresh_from", 0))
+    fresh: dict[str, Any] = {}
+    if fresh_from:
+        if not 0 < fresh_from < len(test):
+            raise SuiteError(f"fresh_from={fresh_from} must be between 1 and questions - 1 ({len(test) - 1})")
+        ranks["probe-cv"] = {p: list(cv_ranks[:, p]) for p in range(N)}
+        fresh = {
+            "from_question": fresh_from,
+            "questions": len(test) - fresh_from,
+            "systems": {n: summarize({p: r[p][fresh_from:] for p in range(N)}) for n, r in ranks.items()},
+        }
     # Timing: the four calibrators on the same lists, interleaved, each with its own passes.
     n_t = int(get_opt(opts, "timing_lists", 4 if args.quick else 20))
     timers = {
@@ -145,6 +242,11 @@ def run(args: Namespace) -> dict[str, Any]:
             times[name].append(time.perf_counter() - t0)
     for name, t in times.items():
         systems[name]["seconds_per_query"] = round(float(np.median(t)), 4)
+    # probe-cv's variants need the N/A pass unless raw attention was chosen in most folds.
+    raw_picks = sum(c.startswith("raw/") for c in chosen)
+    timed_as = "probe-curve" if raw_picks * 2 > len(chosen) else "probe-curve+nacal"
+    systems["probe-cv"]["seconds_per_query"] = systems[timed_as]["seconds_per_query"]
+    systems["probe-cv"]["timed_as"] = timed_as  # type: ignore[assignment]
     systems["probe-curve"]["time_ratio_vs_raw"] = round(
         systems["probe-curve"]["seconds_per_query"] / systems["probe-raw"]["seconds_per_query"], 4
     )
@@ -157,6 +259,12 @@ def run(args: Namespace) -> dict[str, Any]:
             "curve_raw_mode": curve_raw.mode,
             "curve_nacal_mode": curve_na.mode,
             "timing_lists": n_t,
+            "cv": {
+                "folds": min(CV_FOLDS, len(test)),
+                "variants": len(variants),
+                "objective": "mean recall@1 - bin spread (inner CV)",
+            },
         },
         "systems": systems,
+        **({"fresh": fresh} if fresh else {}),
     }

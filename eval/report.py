@@ -45,6 +45,16 @@ def table(result: dict[str, Any], metrics: list[str] | None = None) -> str:
     return "\n".join(lines)
 
 
+def fresh_table(result: dict[str, Any], metrics: list[str] | None = None) -> str:
+    """The position sweep on the questions not looked at while choosing the configuration."""
+    fresh = result["fresh"]
+    return (
+        f"\nThe same, on test questions {fresh['from_question'] + 1} onwards only ({fresh['questions']} "
+        "questions, not looked at while the configuration was chosen):\n\n"
+        f"{table({'systems': fresh['systems']}, metrics)}\n"
+    )
+
+
 def _plot_position(result: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -172,6 +182,8 @@ def run(args: Namespace) -> dict[str, Any]:
             p = img / f"{f.stem}.png"
             _plot_position(r, p)
             parts.append(f"\n![gold recall@1 by slot](img/{p.name})\n")
+            if r.get("fresh"):
+                parts.append(fresh_table(r))
         if r["suite"] == "speed" and _scaling_points(r):
             p = img / f"{f.stem}-scaling.png"
             _plot_scaling(r, p)
@@ -209,6 +221,8 @@ def run(args: Namespace) -> dict[str, Any]:
             summary.append(
                 f"**{r['suite']}** (`{f.name}`{where}) — {r['dataset']}{quick}\n\n{table(r, key)}\n"
             )
+            if r["suite"] == "position" and r.get("fresh"):
+                summary.append(fresh_table(r, key))
     if machine:
         parts.append("\n## Machine\n\n```json\n" + json.dumps(machine, indent=1) + "\n```\n")
     out.write_text("\n".join(parts), encoding="utf-8")
