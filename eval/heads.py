@@ -4,24 +4,32 @@ Each (layer, head) of the model is scored on its own: the per-head content-free 
 (see :func:`rerank.scoring.passage_scores`, kind ``logratio``) ranks BM25's top-20 for each SciFact
 query, and the head's mean nDCG@10 is its merit. The ``k`` best heads form the head set; ``k`` and the
 fusion weight ``w`` are chosen by 5-fold cross-validation on SciFact. The result is what
-configs/default.yaml ships; DL19 (the reported figure) plays no part in the choice.
+configs/heads.yaml ships (the default until the position sweep chose a layer band with the bias curve;
+see docs/method.md); DL19 (the reported figure) plays no part in the choice.
 
-Options (``--opt``): ``queries=N`` (default 150; quick 12).
+The same lists also choose the fusion weight of the default configuration's score (its kind, layer
+band and bias curve, see ``configs/default.yaml``): systems ``default-w<W>`` for each weight of
+``DEFAULT_WEIGHTS``, and ``choice.default_first_stage_weight``.
+
+Options (``--opt``): ``queries=N`` (default 150; quick 12), ``config=PATH`` (default
+configs/default.yaml).
 """
 
 from __future__ import annotations
 
 from argparse import Namespace
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from eval.common import check_opts, get_opt, per_query_metric
+from eval.common import REPO_ROOT, check_opts, get_opt, per_query_metric
 from rerank.scoring import PassageStats, passage_scores, zscore
 
 KS = (1, 2, 4, 8, 16, 32)
 WEIGHTS = (0.0, 0.5, 1.0, 2.0)
+DEFAULT_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 4.0)
 
 
 def _ndcg_per_query(qrels: dict, queries: list[dict[str, Any]], scores: dict[str, np.ndarray]) -> np.ndarray:
@@ -91,11 +99,15 @@ def choose(
 
 def run(args: Namespace) -> dict[str, Any]:
     from eval.scifact_stats import collect_scifact
+    from rerank.calibrators import ScoreSettings
+    from rerank.config import load_config
     from rerank.model import load_model
+    from rerank.reranker import AttentionReranker
 
     opts = getattr(args, "opts", {}) or {}
-    check_opts(opts, ["queries"])
+    check_opts(opts, ["queries", "config"])
     n = int(get_opt(opts, "queries", 12 if args.quick else 150))
+    cfg = load_config(Path(get_opt(opts, "config", str(REPO_ROOT / "configs" / "default.yaml"))))
     model = load_model()
     queries, qrels, stats = collect_scifact(model, args.data_dir, n)
     res = choose(queries, qrels, stats)
@@ -106,6 +118,22 @@ def run(args: Namespace) -> dict[str, Any]:
         "probe-heads-cv": {"ndcg@10": round(res["cv_ndcg@10"][(res["k"], res["w"])], 4)},
         "best-single-head": {"ndcg@10": round(float(res["head_merit"][best_single]), 4)},
     }
+    # The default configuration's score, read from the same passes (prompt order is reversed BM25 order).
+    rr = AttentionReranker(model, cfg.probe, cfg.calibration)
+    settings = ScoreSettings.of(cfg.probe)
+    kind = settings.kind(rr.calibrator.score_kind)
+    kw = {"layers": cfg.probe.layers, "heads": cfg.probe.heads, "aggregation": cfg.probe.aggregation}
+    base = {}
+    for q in queries:
+        s = passage_scores(stats[f"{q['qid']}:0"], kind=kind, head_set=cfg.probe.head_set, **kw)
+        if rr.curve is not None and rr.calibrator.uses_curve:
+            s = rr.curve.apply(s)
+        base[q["qid"]] = zscore(s[::-1])
+    per_w = {}
+    for w in DEFAULT_WEIGHTS:
+        scores = {q["qid"]: base[q["qid"]] + w * zscore(np.asarray(q["bm25"])) for q in queries}
+        per_w[w] = float(_ndcg_per_query(qrels, queries, scores).mean())
+        systems[f"default-w{w:g}"] = {"ndcg@10": round(per_w[w], 4)}
     return {
         "dataset": f"beir-scifact test queries with judgements, first {len(queries)}, BM25 top-20",
         "config": {
@@ -121,5 +149,7 @@ def run(args: Namespace) -> dict[str, Any]:
             "first_stage_weight": res["w"],
             "cv_grid": {f"k{k}-w{w:g}": round(v, 4) for (k, w), v in res["cv_ndcg@10"].items()},
             "best_single_head": list(res["heads"][best_single]),
+            "default_first_stage_weight": max(DEFAULT_WEIGHTS, key=lambda w: (per_w[w], -w)),
+            "default_score": {"kind": kind, "layers": cfg.probe.layers, "curve": cfg.calibration.curve},
         },
     }

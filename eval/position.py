@@ -9,8 +9,9 @@ from those same passes:
 ``probe-curve``         raw attention corrected by the fitted curve (no extra pass)
 ``probe-curve+nacal``   N/A-calibrated score corrected by a curve fitted on such scores
 ``bm25``                BM25 order within the list: position-blind by construction, a reference
-``probe-cv``            score kind (raw, N/A difference, ``logratio``, ``ratio``), layer band and curve
-                        form chosen by nested cross-validation over the test questions: for each of
+``probe-cv``            score kind (raw, N/A difference, ``logratio``, ``ratio``), layer band (six
+                        fixed bands up to layer 23, and the SciFact head set) and curve form chosen
+                        by nested cross-validation over the test questions: for each of
                         5 folds the variant with the best inner-CV (mean recall@1 - bin spread) on the
                         other questions is picked, its curve fitted on their distractor slots, and
                         the held-out fold scored; ``chosen`` lists each fold's pick
@@ -39,6 +40,7 @@ from eval.common import REPO_ROOT, SuiteError, check_opts, get_opt, require_data
 N = 20
 BINS = 5
 CV_FOLDS = 5
+SWEEP_LAST = 23
 CV_KINDS = ("raw", "nacal", "ratio", "logratio")
 CV_BANDS: tuple[tuple[int, int], ...] = ((0, 23), (5, 23), (8, 16), (12, 19), (12, 23), (16, 23))
 CV_FORMS = ("none", "subtractive", "zscore", "multiplicative")
@@ -138,6 +140,9 @@ def run(args: Namespace) -> dict[str, Any]:
     check_opts(opts, ["questions", "config", "curve_raw", "curve_nacal", "timing_lists", "fresh_from"])
     require_data(args.data_dir, "nq-open-oracle")
     n_q = int(get_opt(opts, "questions", 4 if args.quick else 300))
+    fresh_from = int(get_opt(opts, "fresh_from", 0))
+    if fresh_from and not 0 < fresh_from < n_q:
+        raise SuiteError(f"fresh_from={fresh_from} must be between 1 and questions - 1 ({n_q - 1})")
     cfg = load_config(Path(get_opt(opts, "config", str(REPO_ROOT / "configs" / "default.yaml"))))
     curve_raw = BiasCurve.load(get_opt(opts, "curve_raw", str(CURVES / "smollm2-135m-raw.json")))
     curve_na = BiasCurve.load(get_opt(opts, "curve_nacal", str(CURVES / "smollm2-135m-nacal.json")))
@@ -155,7 +160,10 @@ def run(args: Namespace) -> dict[str, Any]:
         for it in test
         for pos in range(N)
     ]
-    last = probe_cfg.layer_range[1] if probe_cfg.layer_range else None
+    # Every pass reads layers 0..SWEEP_LAST (or deeper, if the config needs it) so that probe-cv's bands
+    # and any configuration up to that layer are scored from the same cached passes.
+    cfg_last = probe_cfg.layer_range[1] if probe_cfg.layer_range else model.num_layers - 1
+    last = min(max(cfg_last, SWEEP_LAST), model.num_layers - 1)
     stats, _ = collect(
         model,
         jobs,
@@ -190,8 +198,14 @@ def run(args: Namespace) -> dict[str, Any]:
             ranks["bm25"][pos].append(r)
     systems = {name: summarize(ranks[name]) for name in names}
     # Nested cross-validation over score kinds, layer bands and curve forms (see the module docstring).
-    bands: list[Any] = [b for b in CV_BANDS if last is None or b[1] <= last]
-    bands += [tuple(map(tuple, probe_cfg.head_set))] if probe_cfg.head_set else []
+    bands: list[Any] = [b for b in CV_BANDS if b[1] <= last]
+    # The SciFact head set (configs/heads.yaml, the previous default) is in the grid too.
+    heads_cfg = load_config(REPO_ROOT / "configs" / "heads.yaml")
+    for hs_cfg in (probe_cfg, heads_cfg.probe):
+        if hs_cfg.head_set and max(layer for layer, _ in hs_cfg.head_set) <= last:
+            band_hs = tuple(map(tuple, hs_cfg.head_set))
+            if band_hs not in bands:
+                bands.append(band_hs)
     variants: dict[str, tuple[np.ndarray, str]] = {}
     for kind in CV_KINDS:
         for band in bands:
@@ -211,11 +225,8 @@ def run(args: Namespace) -> dict[str, Any]:
     cv_ranks, chosen = nested_cv(variants)
     systems["probe-cv"] = summarize({p: list(cv_ranks[:, p]) for p in range(N)})
     systems["probe-cv"]["chosen"] = chosen  # type: ignore[assignment]
-    fresh_from = int(get_opt(opts, "fresh_from", 0))
     fresh: dict[str, Any] = {}
     if fresh_from:
-        if not 0 < fresh_from < len(test):
-            raise SuiteError(f"fresh_from={fresh_from} must be between 1 and questions - 1 ({len(test) - 1})")
         ranks["probe-cv"] = {p: list(cv_ranks[:, p]) for p in range(N)}
         fresh = {
             "from_question": fresh_from,

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from calibration.curve import CURVE_FORMAT_VERSION, BiasCurve, CurveMismatchError, fit_curve
+
+REPO = Path(__file__).resolve().parent.parent
 
 META = {
     "model_id": "m",
@@ -94,3 +97,20 @@ def test_bad_files_are_refused(tmp_path):
     curve = fit_curve([(np.ones(3) + np.arange(3), [0, 1, 2], [True] * 3)])
     with pytest.raises(ValueError, match="permutation"):
         curve.apply([1.0, 2.0, 3.0], positions=[0, 0, 1])
+
+
+@pytest.mark.parametrize(
+    "path", ["configs/default.yaml", "configs/fit-curve-raw.yaml", "configs/fit-curve-nacal.yaml"]
+)
+def test_shipped_curves_fit_the_configs_that_use_them(smol_model, path):
+    """Changing the default probe settings without refitting its curve must fail here, not for users."""
+    from rerank.config import load_config
+    from rerank.reranker import AttentionReranker, resolve_curve_path
+
+    cfg = load_config(REPO / path)
+    if cfg.calibration.curve is None:  # a fitting config: its output is the shipped curve of that name
+        name = "smollm2-135m-raw.json" if cfg.calibration.name == "curve" else "smollm2-135m-nacal.json"
+        cfg = cfg.model_copy(update={"calibration": cfg.calibration.model_copy(update={"curve": name})})
+    rr = AttentionReranker(smol_model, cfg.probe, cfg.calibration)  # raises CurveMismatchError otherwise
+    assert rr.curve is not None
+    assert resolve_curve_path(cfg.calibration.curve).parent.name == "curves"

@@ -153,3 +153,31 @@ def test_report_suite(tmp_path: Path) -> None:
     assert "## retrieval" in text and "| bm25-bm25s |" in text
     new = readme.read_text()
     assert "STALE-SUMMARY" not in new and new.endswith("tail\n") and "**retrieval**" in new
+
+
+def test_rerank_reuses_baseline_rows_only_from_the_same_run(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from eval.common import SuiteError
+    from eval.rerank import reuse_baselines
+
+    model = SimpleNamespace(model_id="smol", dtype="bfloat16")
+    row = {"ndcg@10": 0.5, "mrr@10": 0.8, "seconds_per_query": 12.0, "p_vs_bm25": 0.6}
+    old = {
+        "suite": "rerank",
+        "config": {"model": "smol", "dtype": "bfloat16", "baseline_queries": 43, "quick": False},
+        "systems": {"listwise@20": row},
+    }
+    f = tmp_path / "rerank.json"
+    f.write_text(json.dumps(old))
+    got = reuse_baselines({"baselines_from": str(f)}, ["listwise"], [20], 43, model)
+    assert got == {"listwise@20": {**row, "measured_in": "rerank.json"}}
+    assert reuse_baselines({}, ["listwise"], [20], 43, model) == {}
+    with pytest.raises(SuiteError, match="baseline_queries"):
+        reuse_baselines({"baselines_from": str(f)}, ["listwise"], [20], 1, model)
+    with pytest.raises(SuiteError, match="no listwise@100"):
+        reuse_baselines({"baselines_from": str(f)}, ["listwise"], [100], 43, model)
+    old["config"]["quick"] = True
+    f.write_text(json.dumps(old))
+    with pytest.raises(SuiteError, match="quick"):
+        reuse_baselines({"baselines_from": str(f)}, ["listwise"], [20], 43, model)
