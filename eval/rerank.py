@@ -19,6 +19,8 @@ Options (``--opt``): ``depths=20,100`` candidate depths; ``queries=N`` limit; ``
 baselines (default all; ``none`` for none); ``baseline_depths=20,100``; ``baseline_queries=N`` runs the
 baselines on the first N queries only (default all; 1 with ``--quick``: icr-reference's two eager forwards
 take 35-60 s per window of 20 on a busy 2-core CPU). In quick mode ``baseline_depths`` defaults to 20.
+``baselines_from=FILE`` copies the baseline rows of an earlier full run on the same model and queries
+(they do not depend on the probe configuration) instead of running them again.
 """
 
 from __future__ import annotations
@@ -202,6 +204,45 @@ def parse_baselines(opts: dict[str, str], quick: bool) -> tuple[list[str], list[
     return list(dict.fromkeys(names)), list(dict.fromkeys(depths)), limit
 
 
+def reuse_baselines(
+    opts: dict[str, str], names: list[str], depths: list[int], n_queries: int, model: Any
+) -> dict[str, dict[str, Any]]:
+    """Baseline rows of an earlier result (``--opt baselines_from=FILE``), instead of running them again.
+
+    The baselines do not depend on the probe configuration, so a rerun for a new default can take them
+    from a full run on the same model, queries and candidates; each copied row names its source file.
+    """
+    path = str(get_opt(opts, "baselines_from", ""))
+    if not path or not names:
+        return {}
+    f = Path(path)
+    if not f.is_file():
+        raise SuiteError(f"--opt baselines_from={path}: file not found")
+    old = json.loads(f.read_text(encoding="utf-8"))
+    cfg = old.get("config", {})
+    mismatch = [
+        what
+        for what, ok in (
+            ("suite", old.get("suite") == "rerank"),
+            ("quick", not cfg.get("quick")),
+            ("model", cfg.get("model") == model.model_id),
+            ("dtype", cfg.get("dtype") == model.dtype),
+            ("baseline_queries", cfg.get("baseline_queries") == n_queries),
+        )
+        if not ok
+    ]
+    if mismatch:
+        raise SuiteError(f"--opt baselines_from={path}: not the same run ({', '.join(mismatch)} differ)")
+    out = {}
+    for depth in depths:
+        for name in names:
+            key = f"{name}@{depth}"
+            if key not in old.get("systems", {}):
+                raise SuiteError(f"--opt baselines_from={path}: it has no {key}")
+            out[key] = {**old["systems"][key], "measured_in": f.name}
+    return out
+
+
 def run_baseline(
     model: Any, name: str, queries: list[dict[str, Any]], depth: int, probe: Any
 ) -> tuple[dict[str, np.ndarray], list[float], dict[str, int]]:
@@ -238,7 +279,10 @@ def run(args: Namespace) -> dict[str, Any]:
     from rerank.model import load_model
 
     opts = getattr(args, "opts", {}) or {}
-    check_opts(opts, ["depths", "queries", "config", "baselines", "baseline_depths", "baseline_queries"])
+    check_opts(
+        opts,
+        ["depths", "queries", "config", "baselines", "baseline_depths", "baseline_queries", "baselines_from"],
+    )
     baselines, baseline_depths, baseline_limit = parse_baselines(opts, args.quick)
     depths = [int(x) for x in str(get_opt(opts, "depths", "20,100")).split(",")]
     queries, qrels = load_dl19(args.data_dir)
@@ -255,6 +299,8 @@ def run(args: Namespace) -> dict[str, Any]:
         desc="dl19",
     )
     grid = variant_grid(model.num_layers)
+    # The SciFact head set (the previous default) is scored from the same passes for comparison.
+    heads_cfg = cfg if cfg.probe.head_set is not None else load_config(REPO_ROOT / "configs" / "heads.yaml")
     systems: dict[str, dict[str, Any]] = {}
     per_q: dict[str, dict[str, float]] = {}
 
@@ -280,8 +326,8 @@ def run(args: Namespace) -> dict[str, Any]:
         }
         for name, v in named.items():
             add(name + sfx, scores_run(lambda q, d=depth, v=v: fused_scores(q, d, stats, v)), sec)
-        if cfg.probe.head_set is not None:
-            hs, w = cfg.probe.head_set, cfg.probe.first_stage_weight
+        if heads_cfg.probe.head_set is not None:
+            hs, w = heads_cfg.probe.head_set, heads_cfg.probe.first_stage_weight
             add(
                 "probe-heads" + sfx,
                 scores_run(lambda q, d=depth, h=hs: head_set_scores(q, d, stats, h, 0.0)),
@@ -346,15 +392,19 @@ def run(args: Namespace) -> dict[str, Any]:
     # On a query subset, BM25's nDCG@10 over the same queries is the figure to read a baseline against.
     subset = len(b_queries) < len(queries)
     bm25_same = float(np.mean([per_q["bm25"][q["qid"]] for q in b_queries])) if subset else None
+    reused = reuse_baselines(opts, baselines, baseline_depths, len(b_queries), model)
+    systems.update(reused)
     for depth in baseline_depths:
         for name in baselines:
+            if f"{name}@{depth}" in reused:
+                continue
             b_scores, b_sec, counters = run_baseline(model, name, b_queries, depth, b_probe)
             extra: dict[str, Any] = {"queries": len(b_queries), **counters}
             if bm25_same is not None:
                 extra["bm25_ndcg@10_same_queries"] = round(bm25_same, 4)
             add(f"{name}@{depth}", to_run(b_queries, b_scores), float(np.mean(b_sec)), **extra)
     for name in systems:
-        if name != "bm25":
+        if name != "bm25" and name not in reused:
             systems[name]["p_vs_bm25"] = round(paired_randomization(per_q[name], per_q["bm25"]), 4)
     return {
         "dataset": "trec-dl19 (BM25 top-100, 43 judged queries)"
