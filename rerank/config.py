@@ -144,7 +144,12 @@ class GeneratorConfig(_Frozen):
 
 
 class PipelineConfig(_Frozen):
-    """The whole pipeline. ``PipelineConfig()`` is the embedded CPU default."""
+    """The whole pipeline.
+
+    ``PipelineConfig()`` holds model-independent settings (all layers, ICR's ``N/A`` difference, no
+    curve). ``configs/default.yaml`` is the tuned default for the embedded model: its layer band and
+    bias curve belong to that model, and a curve is refused for any other.
+    """
 
     retriever: RetrieverConfig = RetrieverConfig()
     model: ModelConfig = ModelConfig()
