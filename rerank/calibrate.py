@@ -159,7 +159,10 @@ def plot_curve(curve: BiasCurve, scored: Sequence[tuple[np.ndarray, int]], path:
     ax[0].plot(x, curve.mean[n], "-", label="fitted bias b(slot)")
     if n in curve.lower:
         ax[0].fill_between(x, curve.lower[n], curve.upper[n], alpha=0.3, label="95% band")
-    ax[0].set_title(f"raw attention by slot ({curve.mode})")
+    kind = {"raw": "raw attention"}.get(
+        curve.meta.get("score_kind", "raw"), f"{curve.meta.get('score_kind')} score"
+    )
+    ax[0].set_title(f"{kind} by slot ({curve.mode})")
     ax[0].set_xlabel("prompt slot (1 = first)")
     ax[0].legend(fontsize=7)
     ax[1].plot(x, cor, "o-", color="C2")
