@@ -122,12 +122,10 @@ def run(args: Namespace) -> dict[str, Any]:
     rr = AttentionReranker(model, cfg.probe, cfg.calibration)
     settings = ScoreSettings.of(cfg.probe)
     kind = settings.kind(rr.calibrator.score_kind)
-    kw = {"layers": cfg.probe.layers, "heads": cfg.probe.heads, "aggregation": cfg.probe.aggregation}
     base = {}
     for q in queries:
-        s = passage_scores(stats[f"{q['qid']}:0"], kind=kind, head_set=cfg.probe.head_set, **kw)
-        if rr.curve is not None and rr.calibrator.uses_curve:
-            s = rr.curve.apply(s)
+        st = stats[f"{q['qid']}:0"]
+        _, s = rr.calibrator(st, range(st.num_passages), settings, rr.curve)
         base[q["qid"]] = zscore(s[::-1])
     per_w = {}
     for w in DEFAULT_WEIGHTS:

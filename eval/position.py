@@ -223,11 +223,11 @@ def run(args: Namespace) -> dict[str, Any]:
                     continue  # a ratio needs positive scores
                 variants[f"{kind}/{label}/{form}"] = (arr, form)
     cv_ranks, chosen = nested_cv(variants)
-    systems["probe-cv"] = summarize({p: list(cv_ranks[:, p]) for p in range(N)})
+    ranks["probe-cv"] = {p: list(cv_ranks[:, p]) for p in range(N)}
+    systems["probe-cv"] = summarize(ranks["probe-cv"])
     systems["probe-cv"]["chosen"] = chosen  # type: ignore[assignment]
     fresh: dict[str, Any] = {}
     if fresh_from:
-        ranks["probe-cv"] = {p: list(cv_ranks[:, p]) for p in range(N)}
         fresh = {
             "from_question": fresh_from,
             "questions": len(test) - fresh_from,

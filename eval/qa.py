@@ -34,7 +34,7 @@ curve whose slot profile ``bias_aligned`` follows; the system is left out when t
 A long run can be split over processes or sessions: ``start=S`` scores test questions ``S`` to
 ``questions - 1`` only, and ``policy=KEY`` (e.g. ``bm25+probe:best_last/top_k1``) takes the
 ``best-policy`` choice made on dev by an earlier part instead of repeating the dev runs. Parts over
-disjoint question ranges are then combined by the ``merge`` suite (see ``eval/merge.py``).
+disjoint question ranges are then combined with ``python -m eval.merge`` (see ``eval/merge.py``).
 """
 
 from __future__ import annotations
@@ -89,8 +89,7 @@ def run(args: Namespace) -> dict[str, Any]:
     if not 0 <= start < n_q:
         raise SuiteError(f"start={start} must be at least 0 and below questions={n_q}")
     given_policy = get_opt(opts, "policy", "")
-    candidates = [(r, o, p, k) for r in RANKINGS for o, p, k in CANDIDATE_POLICIES]
-    keys = {f"{r}:{o}/{p}{k}": (r, o, p, k) for r, o, p, k in candidates}
+    keys = {f"{r}:{o}/{p}{k}": (r, o, p, k) for r in RANKINGS for o, p, k in CANDIDATE_POLICIES}
     if given_policy and given_policy not in keys:
         raise SuiteError(f"unknown policy={given_policy!r}; choose one of: {', '.join(keys)}")
     fused_cfg = load_config(Path(get_opt(opts, "config", str(REPO_ROOT / "configs" / "default.yaml"))))
@@ -171,16 +170,15 @@ def run(args: Namespace) -> dict[str, Any]:
         return [best_subspan_em(o, it.answers) for o, it in zip(outs, items, strict=True)], dt
 
     dev_acc: dict[str, list[float]] = {}
-    if given_policy:
-        best = keys[given_policy]
-    else:
+    best_key = given_policy
+    if not best_key:
         # Choose the best order/prune combination on dev questions.
         dev_ctx = [contexts(item, seed=1)[0] for item in tqdm(dev, desc="qa dev probe", unit="q")]
         for key in keys:
             dev_acc[key], _ = answer_all(dev, dev_ctx, key)
         # Ties go to the smaller context, then to the probe alone (the cheaper ranking).
-        best = max(candidates, key=lambda c: (np.mean(dev_acc[f"{c[0]}:{c[1]}/{c[2]}{c[3]}"]), -c[3]))
-    best_key = f"{best[0]}:{best[1]}/{best[2]}{best[3]}"
+        best_key = max(keys, key=lambda key: (np.mean(dev_acc[key]), -keys[key][3]))
+    best = keys[best_key]
     best_bm25_key = f"bm25:{best[1]}/{best[2]}{best[3]}"
 
     names = ["closed-book", "gold-only", "retriever-order", "score", "best_last"]

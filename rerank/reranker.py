@@ -185,9 +185,6 @@ class AttentionReranker:
             "template": template_id(self.template),
         }
 
-    def _window_order(self, n: int) -> list[int]:
-        return prompt_slots(n, self.cfg)
-
     def _probe_scores(self, query: str, prompt_passages: Sequence[Passage]) -> tuple[np.ndarray, np.ndarray]:
         """Raw and calibrated scores of passages probed in exactly the given prompt order."""
         from rerank.probe import stats_of
@@ -206,7 +203,7 @@ class AttentionReranker:
         self, query: str, passages: Sequence[Passage]
     ) -> tuple[np.ndarray, np.ndarray, list[int]]:
         """Probe one window. Returns raw and calibrated scores and prompt slots, in candidate order."""
-        slot_to_cand = self._window_order(len(passages))
+        slot_to_cand = prompt_slots(len(passages), self.cfg)
         raw_s, cal_s = self._probe_scores(query, [passages[c] for c in slot_to_cand])
         raw = np.empty(len(passages))
         cal = np.empty(len(passages))
@@ -218,9 +215,6 @@ class AttentionReranker:
     def score_in_prompt_order(self, query: str, passages: Sequence[Passage]) -> np.ndarray:
         """Calibrated scores of ``passages`` probed in exactly the given prompt order (iterative sorting)."""
         return self._probe_scores(query, passages)[1]
-
-    def _windows(self, n: int) -> list[range]:
-        return probe_windows(n, self.cfg)
 
     def rerank(
         self,
@@ -246,7 +240,7 @@ class AttentionReranker:
         cal = np.empty(len(ps))
         merged = np.empty(len(ps))
         pos = [0] * len(ps)
-        for win in self._windows(len(ps)):
+        for win in probe_windows(len(ps), self.cfg):
             idx = list(win)
             r, c, p = self.score_window(q.text, [ps[i] for i in idx])
             raw[idx], cal[idx] = r, c
@@ -272,7 +266,7 @@ class AttentionReranker:
             )
             for r, i in enumerate(order)
         )
-        info = {"windows": len(self._windows(len(ps))), "seconds": time.perf_counter() - t0}
+        info = {"windows": len(probe_windows(len(ps), self.cfg)), "seconds": time.perf_counter() - t0}
         return RankedList(query=q, items=items[:top_k] if top_k is not None else items, info=info)
 
     def rerank_batch(

@@ -104,7 +104,7 @@ def passage_scores(
 
 def _log_ratio(query: np.ndarray, na: np.ndarray) -> np.ndarray:
     # The passage's length and the share of attention its slot draws whatever the query cancel out.
-    return (np.log(query.astype(np.float64) + 1e-9) - np.log(na.astype(np.float64) + 1e-9)).astype(np.float64)
+    return np.log(query.astype(np.float64) + 1e-9) - np.log(na.astype(np.float64) + 1e-9)
 
 
 def _head_set_scores(stats: PassageStats, kind: str, head_set: Sequence[tuple[int, int]]) -> np.ndarray:
