@@ -74,6 +74,8 @@ def load_nq(data_dir: Path, n_distractors: int = 19) -> tuple[list[NQItem], list
     bm25.index(golds, show_progress=False)
     items = []
     hits_all = bm25.search_batch([r["question"] for r in rows], k=80)
+    # Each passage's normalised text, once (not once per question whose hits it appears in).
+    body = {g.id: normalize_answer(g.title + " " + g.text) for g in golds}
     for i, (r, hits) in enumerate(zip(rows, hits_all, strict=True)):
         answers = tuple(r["answers"])
         norm_answers = [normalize_answer(a) for a in answers]
@@ -81,8 +83,7 @@ def load_nq(data_dir: Path, n_distractors: int = 19) -> tuple[list[NQItem], list
         for h in hits:
             if h.passage.id == golds[i].id:
                 continue
-            body = normalize_answer(h.passage.title + " " + h.passage.text)
-            if any(a and a in body for a in norm_answers):
+            if any(a and a in body[h.passage.id] for a in norm_answers):
                 continue
             ds.append(h.passage)
             if len(ds) == n_distractors:
