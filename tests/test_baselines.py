@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from samples import PASSAGES, QUERY
 
 from rerank.baselines import (
@@ -307,8 +308,8 @@ def test_icr_reference_memory_guard_names_the_fix_and_restores_the_kernel(smol_m
     with pytest.raises(ValueError, match=r"GiB of attention weights.*lower probe.window_size \(now 4\)"):
         rr.rerank(QUERY, PASSAGES)
     assert smol_model.model.config._attn_implementation == old
-    n = 300
-    assert rr.attention_bytes(n) == smol_model.num_layers * smol_model.num_heads * n * n * 2
+    n, width = 300, torch.empty(0, dtype=getattr(torch, smol_model.dtype)).element_size()  # bf16 2, fp32 4
+    assert rr.attention_bytes(n) == smol_model.num_layers * smol_model.num_heads * n * n * width
 
 
 # -- every baseline on real DL19 candidates --------------------------------------------------------
