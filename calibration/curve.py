@@ -37,8 +37,35 @@ MATCH_KEYS = (
 )
 
 
+FIT_HINT = "Fit one with `attn-rerank calibrate --config YOUR.yaml --out curve.json`."
+
+
 class CurveMismatchError(ValueError):
     """The curve was fitted for another model or probe configuration."""
+
+
+def pick_compatible(candidates: Sequence[tuple[str, BiasCurve]], probe_meta: Mapping[str, Any]) -> BiasCurve:
+    """The first of ``(name, curve)`` candidates fitted for this model and probe configuration.
+
+    A configuration may list one curve per dtype (bf16 where the CPU or GPU computes it natively,
+    fp32 elsewhere): the one that matches the loaded model is applied, and no other.
+
+    Raises:
+        CurveMismatchError: No candidate matches; the message names each one's differences.
+    """
+    if not candidates:
+        raise ValueError("no bias curve given")
+    reasons = []
+    for name, curve in candidates:
+        diffs = curve.mismatches(probe_meta)
+        if not diffs:
+            return curve
+        reasons.append(f"{name}: " + "; ".join(diffs))
+    if len(candidates) == 1:
+        candidates[0][1].check_compatible(probe_meta)
+    raise CurveMismatchError(
+        "no bias curve matches this model/probe configuration (" + " | ".join(reasons) + f"). {FIT_HINT}"
+    )
 
 
 @dataclass
@@ -106,22 +133,27 @@ class BiasCurve:
         sd = self._interp(self.sd, n)[pos]
         return (_normalise(s, self.mode) - b) / np.maximum(sd, 1e-12)
 
+    def mismatches(self, probe_meta: Mapping[str, Any]) -> list[str]:
+        """Each metadata key on which this curve and ``probe_meta`` differ, with both values."""
+        diffs = []
+        for k in MATCH_KEYS:
+            mine, theirs = _canon(self.meta.get(k)), _canon(probe_meta.get(k))
+            if mine != theirs:
+                diffs.append(f"{k}: curve has {mine!r}, probe has {theirs!r}")
+        return diffs
+
     def check_compatible(self, probe_meta: Mapping[str, Any]) -> None:
         """Refuse to apply this curve to a probe whose model or configuration differs.
 
         Raises:
             CurveMismatchError: Names each differing key with both values and how to fix it.
         """
-        diffs = []
-        for k in MATCH_KEYS:
-            mine, theirs = _canon(self.meta.get(k)), _canon(probe_meta.get(k))
-            if mine != theirs:
-                diffs.append(f"{k}: curve has {mine!r}, probe has {theirs!r}")
+        diffs = self.mismatches(probe_meta)
         if diffs:
             raise CurveMismatchError(
                 "bias curve does not match this model/probe configuration ("
                 + "; ".join(diffs)
-                + "). Fit one with `attn-rerank calibrate --config YOUR.yaml --out curve.json`."
+                + f"). {FIT_HINT}"
             )
 
     def to_json(self) -> dict[str, Any]:

@@ -32,6 +32,7 @@ __all__ = [
     "get_opt",
     "default_data_dir",
     "ir_metrics",
+    "load_curve",
     "machine_info",
     "peak_rss_mb",
     "require_data",
@@ -247,6 +248,28 @@ def ir_metrics(
         per_query[metric.query_id][str(metric.measure)] = float(metric.value)
     n = len(judged)
     return {name: sum(per_query[q].get(str(m), 0.0) for q in judged) / n for name, m in parsed.items()}
+
+
+#: The embedded model's raw-attention curves, one per dtype (see configs/fit-curve-raw.yaml).
+RAW_CURVES = "smollm2-135m-raw.json,smollm2-135m-raw-fp32.json"
+
+
+def load_curve(names: str | Iterable[str], model: Any, probe_cfg: Any, calibrator: str) -> Any:
+    """The first of ``names`` (curve files, or one comma-separated string) fitted for this probe.
+
+    ``calibrator`` (``curve`` or ``curve+content-free``) decides the score kind the curve must be
+    fitted on. Raises ``CurveMismatchError`` when none matches and ``FileNotFoundError`` for a name
+    that is not found.
+    """
+    from calibration.curve import BiasCurve, pick_compatible
+    from rerank.config import CalibrationConfig
+    from rerank.reranker import AttentionReranker, resolve_curve_path
+
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    base = "content-free" if calibrator == "curve+content-free" else "none"
+    meta = AttentionReranker(model, probe_cfg, CalibrationConfig(name=base)).probe_meta()
+    return pick_compatible([(n, BiasCurve.load(resolve_curve_path(n))) for n in names], meta)
 
 
 def write_json(path: str | Path, data: Any) -> Path:

@@ -21,7 +21,9 @@ Metrics: gold recall@1 per slot (``recall@1@pos1`` .. ``@pos20``), per bin of fo
 timed separately per calibrator on the same lists (interleaved), since the shared pass runs ``N/A`` for all.
 
 Options (``--opt``): ``questions=N`` (default 300; quick 4), ``config=PATH`` (probe settings; default
-configs/default.yaml), ``curve_raw=PATH``, ``curve_nacal=PATH``, ``timing_lists=N`` (default 20),
+configs/default.yaml), ``curve_raw=PATHS`` and ``curve_nacal=PATHS`` (comma-separated candidates, the
+first fitted for the loaded model's dtype is used; defaults: the shipped raw curves and the config's
+curves), ``timing_lists=N`` (default 20),
 ``fresh_from=K``: also summarise every system over test questions ``K`` onwards only (``fresh``), for
 when the first ``K`` questions were looked at while choosing the configuration.
 """
@@ -35,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from eval.common import REPO_ROOT, SuiteError, check_opts, get_opt, require_data
+from eval.common import RAW_CURVES, REPO_ROOT, SuiteError, check_opts, get_opt, load_curve, require_data
 
 N = 20
 BINS = 5
@@ -44,8 +46,6 @@ SWEEP_LAST = 23
 CV_KINDS = ("raw", "nacal", "ratio", "logratio")
 CV_BANDS: tuple[tuple[int, int], ...] = ((0, 23), (5, 23), (8, 16), (12, 19), (12, 23), (16, 23))
 CV_FORMS = ("none", "subtractive", "zscore", "multiplicative")
-
-CURVES = REPO_ROOT / "calibration" / "curves"
 
 
 def summarize(ranks: dict[int, list[int]]) -> dict[str, float]:
@@ -126,7 +126,6 @@ def nested_cv(
 
 
 def run(args: Namespace) -> dict[str, Any]:
-    from calibration.curve import BiasCurve
     from eval.nq import load_nq
     from eval.probe_stats import ProbeJob, collect
     from rerank.calibrators import ScoreSettings
@@ -144,15 +143,12 @@ def run(args: Namespace) -> dict[str, Any]:
     if fresh_from and not 0 < fresh_from < n_q:
         raise SuiteError(f"fresh_from={fresh_from} must be between 1 and questions - 1 ({n_q - 1})")
     cfg = load_config(Path(get_opt(opts, "config", str(REPO_ROOT / "configs" / "default.yaml"))))
-    curve_raw = BiasCurve.load(get_opt(opts, "curve_raw", str(CURVES / "smollm2-135m-raw.json")))
-    curve_na = BiasCurve.load(get_opt(opts, "curve_nacal", str(CURVES / "smollm2-135m-nacal.json")))
     model = load_model(cfg.model)
     probe_cfg = cfg.probe
-    for c, kind in ((curve_raw, "raw"), (curve_na, "nacal")):
-        rr = AttentionReranker(
-            model, probe_cfg, CalibrationConfig(name="none" if kind == "raw" else "content-free")
-        )
-        c.check_compatible(rr.probe_meta())
+    # Each option names candidate files (comma-separated); the one fitted for this model's dtype is used.
+    curve_raw = load_curve(get_opt(opts, "curve_raw", RAW_CURVES), model, probe_cfg, "curve")
+    nacal_default = ",".join(cfg.calibration.curves) or "smollm2-135m-nacal.json"
+    curve_na = load_curve(get_opt(opts, "curve_nacal", nacal_default), model, probe_cfg, "curve+content-free")
     test, _ = load_nq(args.data_dir)
     test = test[:n_q]
     jobs = [

@@ -28,8 +28,9 @@ Metric: ``accuracy`` = best-subspan exact match (an answer string inside the nor
 pruning). Generation is batched (left padding) per system; ``seconds_per_query`` is the probe's time
 plus the system's generation time divided by the questions. Options (``--opt``): ``questions=N``
 (default 300; quick 3), ``dev_questions=N`` (default 40; quick 2), ``config=PATH``,
-``max_new_tokens=N`` (default 24), ``batch_size=N`` (default 8), ``curve=PATH`` (the raw-attention
-curve whose slot profile ``bias_aligned`` follows; the system is left out when the file is missing).
+``max_new_tokens=N`` (default 24), ``batch_size=N`` (default 8), ``curve=PATHS`` (candidate raw-attention
+curves, comma-separated; ``bias_aligned`` follows the slot profile of the one fitted for the model's dtype
+and is left out, with a warning, when none is).
 
 A long run can be split over processes or sessions: ``start=S`` scores test questions ``S`` to
 ``questions - 1`` only, and ``policy=KEY`` (e.g. ``bm25+probe:best_last/top_k1``) takes the
@@ -39,6 +40,7 @@ disjoint question ranges are then combined with ``python -m eval.merge`` (see ``
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from argparse import Namespace
@@ -47,7 +49,10 @@ from typing import Any
 
 import numpy as np
 
-from eval.common import REPO_ROOT, SuiteError, check_opts, get_opt, require_data
+from calibration.curve import CurveMismatchError
+from eval.common import RAW_CURVES, REPO_ROOT, SuiteError, check_opts, get_opt, load_curve, require_data
+
+logger = logging.getLogger(__name__)
 
 N = 20
 CANDIDATE_POLICIES = [
@@ -107,13 +112,12 @@ def run(args: Namespace) -> dict[str, Any]:
     gen = TransformersGenerator(
         model, GeneratorConfig(max_new_tokens=max_new), pipe.reranker.template, cfg.probe.passage_max_tokens
     )
-    # bias_aligned needs the model's attention-by-slot profile: the raw-attention curve.
-    from calibration.curve import BiasCurve
-
-    curve_path = Path(
-        get_opt(opts, "curve", str(REPO_ROOT / "calibration" / "curves" / "smollm2-135m-raw.json"))
-    )
-    curve = BiasCurve.load(curve_path) if curve_path.is_file() else None
+    # bias_aligned needs the model's attention-by-slot profile: the raw-attention curve for its dtype.
+    try:
+        curve = load_curve(get_opt(opts, "curve", RAW_CURVES), model, cfg.probe, "curve")
+    except (FileNotFoundError, CurveMismatchError) as exc:
+        logger.warning("bias_aligned left out: %s", exc)
+        curve = None
     test, dev = load_nq(args.data_dir)
     test, dev = test[start:n_q], dev[:n_dev]
 

@@ -191,10 +191,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--data-dir", type=Path, default=Path(__file__).resolve().parent.parent.parent / "shared" / "data"
     )
     ap.add_argument("--lists", type=int, default=240, help="number of fitting lists (default 240)")
+    ap.add_argument(
+        "--dtype",
+        choices=("auto", "bfloat16", "float16", "float32"),
+        help="override model.dtype: a curve holds for the dtype it was fitted in (default: the config's)",
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config)
+        if args.dtype:
+            cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"dtype": args.dtype})})
         curve, report = fit_for(cfg, args.data_dir, n_lists=args.lists)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -112,11 +112,26 @@ class CalibrationConfig(_Frozen):
     Attributes:
         name: Registered calibrator: ``none``, ``content-free``, ``curve`` or ``curve+content-free``.
         curve: Path of a fitted curve JSON (relative paths resolve against the package's curves folder
-            first, then the working directory). Needed by the ``curve`` calibrators.
+            first, then the working directory), or a list of them: the first fitted for the loaded model
+            and probe configuration is applied (a curve holds for one dtype, so a config that runs in
+            bf16 on one machine and in fp32 on another lists both). Needed by the ``curve`` calibrators.
     """
 
     name: str = "content-free"
-    curve: str | None = None
+    curve: str | tuple[str, ...] | None = None
+
+    @model_validator(mode="after")
+    def _curve_names(self) -> CalibrationConfig:
+        if isinstance(self.curve, tuple) and not self.curve:
+            raise ValueError("calibration.curve is an empty list; name a curve file or leave it out")
+        return self
+
+    @property
+    def curves(self) -> tuple[str, ...]:
+        """The candidate curve files, in order of preference."""
+        if self.curve is None:
+            return ()
+        return (self.curve,) if isinstance(self.curve, str) else self.curve
 
 
 class PolicyConfig(_Frozen):

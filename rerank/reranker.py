@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from calibration.curve import BiasCurve
+from calibration.curve import BiasCurve, pick_compatible
 from rerank.calibrators import CALIBRATORS, ScoreSettings
 from rerank.config import CalibrationConfig, PipelineConfig, ProbeConfig
 from rerank.model import LoadedModel
@@ -160,8 +160,9 @@ class AttentionReranker:
                 raise ValueError(
                     f"calibrator '{self.cal_cfg.name}' needs calibration.curve (a fitted curve file)"
                 )
-            self.curve = BiasCurve.load(resolve_curve_path(self.cal_cfg.curve))
-        if self.curve is not None and self.calibrator.uses_curve:
+            found = [(n, BiasCurve.load(resolve_curve_path(n))) for n in self.cal_cfg.curves]
+            self.curve = pick_compatible(found, self.probe_meta())
+        elif self.curve is not None and self.calibrator.uses_curve:
             self.curve.check_compatible(self.probe_meta())
 
     @classmethod

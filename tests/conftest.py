@@ -61,7 +61,7 @@ def dense_demo(dense_encoder, demo_passages):
 
 @pytest.fixture(scope="session")
 def smol_model():
-    """The embedded SmolLM2 with the default ModelConfig (bf16 on this CPU), loaded once per session.
+    """The embedded SmolLM2 with the default ModelConfig (bf16 where the CPU has it, else fp32), loaded once.
 
     Shared: a test that switches its attention kernel must leave a working one behind.
     """

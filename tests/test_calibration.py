@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from calibration.curve import CURVE_FORMAT_VERSION, BiasCurve, CurveMismatchError, fit_curve
+from calibration.curve import CURVE_FORMAT_VERSION, BiasCurve, CurveMismatchError, fit_curve, pick_compatible
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -99,18 +99,89 @@ def test_bad_files_are_refused(tmp_path):
         curve.apply([1.0, 2.0, 3.0], positions=[0, 0, 1])
 
 
+def test_the_curve_fitted_for_the_probe_is_picked_among_candidates():
+    lists = [(s, p, u) for s, p, u, _ in _biased_lists(50, 5, 0, "multiplicative")]
+    bf16 = fit_curve(lists, meta={**META, "dtype": "bfloat16"})
+    fp32 = fit_curve(lists, meta={**META, "dtype": "float32"})
+    found = [("a.json", bf16), ("b.json", fp32)]
+    assert pick_compatible(found, {**META, "dtype": "float32"}) is fp32
+    assert pick_compatible(found, {**META, "dtype": "bfloat16"}) is bf16
+    with pytest.raises(CurveMismatchError, match=r"a\.json: dtype.*'bfloat16'.*'float16'.*b\.json: dtype"):
+        pick_compatible(found, {**META, "dtype": "float16"})
+    with pytest.raises(ValueError, match="no bias curve"):
+        pick_compatible([], META)
+
+
+def test_config_takes_one_curve_or_a_list():
+    from pydantic import ValidationError
+
+    from rerank.config import CalibrationConfig
+
+    assert CalibrationConfig(name="curve", curve="a.json").curves == ("a.json",)
+    assert CalibrationConfig(name="curve", curve=["a.json", "b.json"]).curves == ("a.json", "b.json")
+    assert CalibrationConfig(name="curve").curves == ()
+    with pytest.raises(ValidationError, match="empty list"):
+        CalibrationConfig(name="curve", curve=[])
+
+
+SHIPPED = {"curve": "smollm2-135m-raw", "curve+content-free": "smollm2-135m-nacal"}
+
+
 @pytest.mark.parametrize(
     "path", ["configs/default.yaml", "configs/fit-curve-raw.yaml", "configs/fit-curve-nacal.yaml"]
 )
 def test_shipped_curves_fit_the_configs_that_use_them(smol_model, path):
-    """Changing the default probe settings without refitting its curve must fail here, not for users."""
-    from rerank.config import load_config
+    """Changing the default probe settings without refitting its curves must fail here, not for users.
+
+    The embedded model runs in bf16 on a CPU with native bf16 and in fp32 elsewhere: each dtype needs
+    its own curve, and both must be shipped and listed.
+    """
+    from rerank.config import CalibrationConfig, load_config
     from rerank.reranker import AttentionReranker, resolve_curve_path
 
     cfg = load_config(REPO / path)
-    if cfg.calibration.curve is None:  # a fitting config: its output is the shipped curve of that name
-        name = "smollm2-135m-raw.json" if cfg.calibration.name == "curve" else "smollm2-135m-nacal.json"
-        cfg = cfg.model_copy(update={"calibration": cfg.calibration.model_copy(update={"curve": name})})
+    names = cfg.calibration.curves
+    if not names:  # a fitting config: its outputs are the shipped curves of that name
+        stem = SHIPPED[cfg.calibration.name]
+        names = (f"{stem}.json", f"{stem}-fp32.json")
+        cfg = cfg.model_copy(update={"calibration": cfg.calibration.model_copy(update={"curve": names})})
     rr = AttentionReranker(smol_model, cfg.probe, cfg.calibration)  # raises CurveMismatchError otherwise
-    assert rr.curve is not None
-    assert resolve_curve_path(cfg.calibration.curve).parent.name == "curves"
+    assert rr.curve is not None and rr.curve.meta["dtype"] == smol_model.dtype
+    assert all(resolve_curve_path(n).parent.name == "curves" for n in names)
+    base = "content-free" if cfg.calibration.name == "curve+content-free" else "none"
+    meta = AttentionReranker(smol_model, cfg.probe, CalibrationConfig(name=base)).probe_meta()
+    found = [(n, BiasCurve.load(resolve_curve_path(n))) for n in names]
+    for dtype in ("bfloat16", "float32"):
+        assert pick_compatible(found, {**meta, "dtype": dtype}).meta["dtype"] == dtype
+
+
+@pytest.mark.slow
+def test_calibrate_command_fits_a_curve_for_the_asked_dtype(tmp_path, data_dir):
+    """End to end on NQ dev lists with the embedded model: JSON (bound to fp32) and PNG, then applied."""
+    from rerank.calibrate import main
+    from rerank.config import load_config
+    from rerank.model import load_model
+    from rerank.reranker import AttentionReranker
+
+    cfg = tmp_path / "fit.yaml"
+    cfg.write_text(
+        "probe: {engine: attention, layers: [0, 1], passage_max_tokens: 60}\ncalibration: {name: curve}\n",
+        encoding="utf-8",
+    )
+    out = tmp_path / "curves" / "tiny.json"
+    args = ["--config", str(cfg), "--out", str(out), "--lists", "16", "--dtype", "float32"]
+    assert main([*args, "--data-dir", str(data_dir)]) == 0
+    curve = BiasCurve.load(out)
+    assert out.with_suffix(".png").stat().st_size > 0
+    assert curve.meta["dtype"] == "float32" and curve.meta["layers"] == [0, 1]
+    assert curve.meta["score_kind"] == "raw" and curve.lengths == [5, 10, 15, 20]
+    loaded = load_config(cfg)
+    cal = loaded.calibration.model_copy(update={"curve": str(out)})
+    rr = AttentionReranker(
+        load_model(loaded.model.model_copy(update={"dtype": "float32"})), loaded.probe, cal
+    )
+    assert rr.curve is not None and rr.curve.meta == curve.meta
+    with pytest.raises(CurveMismatchError, match="dtype: curve has 'float32', probe has 'bfloat16'"):
+        curve.check_compatible({**rr.probe_meta(), "dtype": "bfloat16"})
+    with pytest.raises(SystemExit):
+        main(["--config", str(cfg), "--out", str(out), "--dtype", "int8"])
