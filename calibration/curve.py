@@ -44,11 +44,16 @@ class CurveMismatchError(ValueError):
     """The curve was fitted for another model or probe configuration."""
 
 
-def pick_compatible(candidates: Sequence[tuple[str, BiasCurve]], probe_meta: Mapping[str, Any]) -> BiasCurve:
+def pick_compatible(
+    candidates: Sequence[tuple[str, BiasCurve]],
+    probe_meta: Mapping[str, Any],
+    keys: Sequence[str] = MATCH_KEYS,
+) -> BiasCurve:
     """The first of ``(name, curve)`` candidates fitted for this model and probe configuration.
 
     A configuration may list one curve per dtype (bf16 where the CPU or GPU computes it natively,
-    fp32 elsewhere): the one that matches the loaded model is applied, and no other.
+    fp32 elsewhere): the one that matches the loaded model is applied, and no other. ``keys`` narrows
+    the match (a caller that only wants the model's slot profile may match the model alone).
 
     Raises:
         CurveMismatchError: No candidate matches; the message names each one's differences.
@@ -57,11 +62,11 @@ def pick_compatible(candidates: Sequence[tuple[str, BiasCurve]], probe_meta: Map
         raise ValueError("no bias curve given")
     reasons = []
     for name, curve in candidates:
-        diffs = curve.mismatches(probe_meta)
+        diffs = curve.mismatches(probe_meta, keys)
         if not diffs:
             return curve
         reasons.append(f"{name}: " + "; ".join(diffs))
-    if len(candidates) == 1:
+    if len(candidates) == 1 and tuple(keys) == MATCH_KEYS:
         candidates[0][1].check_compatible(probe_meta)
     raise CurveMismatchError(
         "no bias curve matches this model/probe configuration (" + " | ".join(reasons) + f"). {FIT_HINT}"
@@ -133,10 +138,10 @@ class BiasCurve:
         sd = self._interp(self.sd, n)[pos]
         return (_normalise(s, self.mode) - b) / np.maximum(sd, 1e-12)
 
-    def mismatches(self, probe_meta: Mapping[str, Any]) -> list[str]:
-        """Each metadata key on which this curve and ``probe_meta`` differ, with both values."""
+    def mismatches(self, probe_meta: Mapping[str, Any], keys: Sequence[str] = MATCH_KEYS) -> list[str]:
+        """Each metadata key (of ``keys``) on which this curve and ``probe_meta`` differ, with both values."""
         diffs = []
-        for k in MATCH_KEYS:
+        for k in keys:
             mine, theirs = _canon(self.meta.get(k)), _canon(probe_meta.get(k))
             if mine != theirs:
                 diffs.append(f"{k}: curve has {mine!r}, probe has {theirs!r}")

@@ -254,14 +254,17 @@ def ir_metrics(
 RAW_CURVES = "smollm2-135m-raw.json,smollm2-135m-raw-fp32.json"
 
 
-def load_curve(names: str | Iterable[str], model: Any, probe_cfg: Any, calibrator: str) -> Any:
+def load_curve(
+    names: str | Iterable[str], model: Any, probe_cfg: Any, calibrator: str, *, model_only: bool = False
+) -> Any:
     """The first of ``names`` (curve files, or one comma-separated string) fitted for this probe.
 
     ``calibrator`` (``curve`` or ``curve+content-free``) decides the score kind the curve must be
-    fitted on. Raises ``CurveMismatchError`` when none matches and ``FileNotFoundError`` for a name
-    that is not found.
+    fitted on; ``model_only`` matches the model, its weights and dtype only (for a caller that uses the
+    curve as the model's slot profile, not to correct this probe's scores). Raises
+    ``CurveMismatchError`` when none matches and ``FileNotFoundError`` for a name that is not found.
     """
-    from calibration.curve import BiasCurve, pick_compatible
+    from calibration.curve import MATCH_KEYS, BiasCurve, pick_compatible
     from rerank.config import CalibrationConfig
     from rerank.reranker import AttentionReranker, resolve_curve_path
 
@@ -269,7 +272,8 @@ def load_curve(names: str | Iterable[str], model: Any, probe_cfg: Any, calibrato
         names = [n.strip() for n in names.split(",") if n.strip()]
     base = "content-free" if calibrator == "curve+content-free" else "none"
     meta = AttentionReranker(model, probe_cfg, CalibrationConfig(name=base)).probe_meta()
-    return pick_compatible([(n, BiasCurve.load(resolve_curve_path(n))) for n in names], meta)
+    keys = ("model_id", "weights_hash", "dtype") if model_only else MATCH_KEYS
+    return pick_compatible([(n, BiasCurve.load(resolve_curve_path(n))) for n in names], meta, keys)
 
 
 def write_json(path: str | Path, data: Any) -> Path:

@@ -112,9 +112,10 @@ def run(args: Namespace) -> dict[str, Any]:
     gen = TransformersGenerator(
         model, GeneratorConfig(max_new_tokens=max_new), pipe.reranker.template, cfg.probe.passage_max_tokens
     )
-    # bias_aligned needs the model's attention-by-slot profile: the raw-attention curve for its dtype.
+    # bias_aligned needs the model's attention-by-slot profile: a raw-attention curve of its dtype (any
+    # probe settings: it only orders passages, it does not correct this probe's scores).
     try:
-        curve = load_curve(get_opt(opts, "curve", RAW_CURVES), model, cfg.probe, "curve")
+        curve = load_curve(get_opt(opts, "curve", RAW_CURVES), model, cfg.probe, "curve", model_only=True)
     except (FileNotFoundError, CurveMismatchError) as exc:
         logger.warning("bias_aligned left out: %s", exc)
         curve = None

@@ -108,6 +108,10 @@ def test_the_curve_fitted_for_the_probe_is_picked_among_candidates():
     assert pick_compatible(found, {**META, "dtype": "bfloat16"}) is bf16
     with pytest.raises(CurveMismatchError, match=r"a\.json: dtype.*'bfloat16'.*'float16'.*b\.json: dtype"):
         pick_compatible(found, {**META, "dtype": "float16"})
+    other_probe = {**META, "dtype": "float32", "layers": [0, 1]}
+    with pytest.raises(CurveMismatchError, match="layers"):
+        pick_compatible(found, other_probe)
+    assert pick_compatible(found, other_probe, keys=("model_id", "weights_hash", "dtype")) is fp32
     with pytest.raises(ValueError, match="no bias curve"):
         pick_compatible([], META)
 
