@@ -44,6 +44,12 @@ class CurveMismatchError(ValueError):
     """The curve was fitted for another model or probe configuration."""
 
 
+def _mismatch(diffs: Sequence[str]) -> CurveMismatchError:
+    return CurveMismatchError(
+        f"bias curve does not match this model/probe configuration ({'; '.join(diffs)}). {FIT_HINT}"
+    )
+
+
 def pick_compatible(
     candidates: Sequence[tuple[str, BiasCurve]],
     probe_meta: Mapping[str, Any],
@@ -66,8 +72,8 @@ def pick_compatible(
         if not diffs:
             return curve
         reasons.append(f"{name}: " + "; ".join(diffs))
-    if len(candidates) == 1 and tuple(keys) == MATCH_KEYS:
-        candidates[0][1].check_compatible(probe_meta)
+    if len(candidates) == 1:
+        raise _mismatch(diffs)
     raise CurveMismatchError(
         "no bias curve matches this model/probe configuration (" + " | ".join(reasons) + f"). {FIT_HINT}"
     )
@@ -155,11 +161,7 @@ class BiasCurve:
         """
         diffs = self.mismatches(probe_meta)
         if diffs:
-            raise CurveMismatchError(
-                "bias curve does not match this model/probe configuration ("
-                + "; ".join(diffs)
-                + f"). {FIT_HINT}"
-            )
+            raise _mismatch(diffs)
 
     def to_json(self) -> dict[str, Any]:
         def tab(t: dict[int, np.ndarray]) -> dict[str, list[float]]:

@@ -264,16 +264,16 @@ def load_curve(
     curve as the model's slot profile, not to correct this probe's scores). Raises
     ``CurveMismatchError`` when none matches and ``FileNotFoundError`` for a name that is not found.
     """
-    from calibration.curve import MATCH_KEYS, BiasCurve, pick_compatible
+    from calibration.curve import MATCH_KEYS
     from rerank.config import CalibrationConfig
-    from rerank.reranker import AttentionReranker, resolve_curve_path
+    from rerank.reranker import AttentionReranker, load_matching_curve
 
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
     base = "content-free" if calibrator == "curve+content-free" else "none"
     meta = AttentionReranker(model, probe_cfg, CalibrationConfig(name=base)).probe_meta()
     keys = ("model_id", "weights_hash", "dtype") if model_only else MATCH_KEYS
-    return pick_compatible([(n, BiasCurve.load(resolve_curve_path(n))) for n in names], meta, keys)
+    return load_matching_curve(list(names), meta, keys)
 
 
 def write_json(path: str | Path, data: Any) -> Path:

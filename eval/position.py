@@ -147,8 +147,8 @@ def run(args: Namespace) -> dict[str, Any]:
     probe_cfg = cfg.probe
     # Each option names candidate files (comma-separated); the one fitted for this model's dtype is used.
     curve_raw = load_curve(get_opt(opts, "curve_raw", RAW_CURVES), model, probe_cfg, "curve")
-    nacal_default = ",".join(cfg.calibration.curves) or "smollm2-135m-nacal.json"
-    curve_na = load_curve(get_opt(opts, "curve_nacal", nacal_default), model, probe_cfg, "curve+content-free")
+    nacal = get_opt(opts, "curve_nacal", "") or cfg.calibration.curves or ("smollm2-135m-nacal.json",)
+    curve_na = load_curve(nacal, model, probe_cfg, "curve+content-free")
     test, _ = load_nq(args.data_dir)
     test = test[:n_q]
     jobs = [

@@ -12,14 +12,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from calibration.curve import BiasCurve, pick_compatible
+from calibration.curve import MATCH_KEYS, BiasCurve, pick_compatible
 from rerank.calibrators import CALIBRATORS, ScoreSettings
 from rerank.config import CalibrationConfig, PipelineConfig, ProbeConfig
 from rerank.model import LoadedModel
@@ -68,6 +68,13 @@ def resolve_curve_path(name: str) -> Path:
         if cand.is_file():
             return cand
     raise FileNotFoundError(f"bias curve '{name}' not found in {CURVES_DIR} or the working directory")
+
+
+def load_matching_curve(
+    names: Sequence[str], probe_meta: Mapping[str, Any], keys: Sequence[str] = MATCH_KEYS
+) -> BiasCurve:
+    """Load the curve files ``names``; the first fitted for ``probe_meta`` (see ``pick_compatible``)."""
+    return pick_compatible([(n, BiasCurve.load(resolve_curve_path(n))) for n in names], probe_meta, keys)
 
 
 def template_id(template: PromptTemplate) -> str:
@@ -160,8 +167,7 @@ class AttentionReranker:
                 raise ValueError(
                     f"calibrator '{self.cal_cfg.name}' needs calibration.curve (a fitted curve file)"
                 )
-            found = [(n, BiasCurve.load(resolve_curve_path(n))) for n in self.cal_cfg.curves]
-            self.curve = pick_compatible(found, self.probe_meta())
+            self.curve = load_matching_curve(self.cal_cfg.curves, self.probe_meta())
         elif self.curve is not None and self.calibrator.uses_curve:
             self.curve.check_compatible(self.probe_meta())
 
