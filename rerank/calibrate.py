@@ -168,7 +168,9 @@ def plot_curve(curve: BiasCurve, scored: Sequence[tuple[np.ndarray, int]], path:
     ax[1].plot(x, cor, "o-", color="C2")
     ax[1].set_title("after correction")
     ax[1].set_xlabel("prompt slot (1 = first)")
-    fig.suptitle(f"{curve.meta.get('model_id', '')} layers {curve.meta.get('layers')}", fontsize=8)
+    meta = curve.meta
+    title = f"{meta.get('model_id', '')} {meta.get('dtype', '')} layers {meta.get('layers')}"
+    fig.suptitle(title, fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
