@@ -37,6 +37,7 @@ from rerank.reranker import (
     PROBE_ENGINES,
     Candidate,
     as_query,
+    check_top_k,
     probe_windows,
     prompt_slots,
     rerank_many,
@@ -152,8 +153,9 @@ class _Baseline:
         """Rerank ``passages`` (first-stage order, best first) for ``query``; ties keep first-stage order.
 
         Raises:
-            ValueError: Duplicate passage ids, or a prompt that does not fit the model.
+            ValueError: Duplicate passage ids, a negative ``top_k``, or a prompt that does not fit the model.
         """
+        top_k = check_top_k(top_k)
         q = as_query(query)
         ps, first = split_candidates(passages)
         if not ps:
@@ -174,7 +176,7 @@ class _Baseline:
             for r, i in enumerate(order)
         )
         info = {**res.info, "seconds": time.perf_counter() - t0}
-        return RankedList(query=q, items=items[:top_k] if top_k is not None else items, info=info)
+        return RankedList(query=q, items=items[:top_k], info=info)
 
     def rerank_batch(
         self,

@@ -117,9 +117,15 @@ class Pipeline:
         return self.retriever.search(text, k or self.config.retriever.top_k)
 
     def rerank(
-        self, query: str | Query, passages: Sequence[Passage | Hit | ScoredPassage], top_k: int | None = None
+        self,
+        query: str | Query,
+        passages: Sequence[Passage | Hit | ScoredPassage | str],
+        top_k: int | None = None,
     ) -> RankedList:
-        """Rerank candidates (given best first) with the configured probe and calibrator."""
+        """Rerank candidates (given best first) with the configured probe and calibrator.
+
+        Plain strings are accepted as candidates; their ids are their indices in ``passages``.
+        """
         return self.reranker.rerank(query, passages, top_k=top_k)
 
     def select(self, ranked: RankedList) -> list[ScoredPassage]:

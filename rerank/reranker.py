@@ -33,18 +33,37 @@ logger = logging.getLogger(__name__)
 PROBE_ENGINES: Registry[Any] = Registry("probe engine")
 CURVES_DIR = Path(__file__).resolve().parent.parent / "calibration" / "curves"
 
-Candidate = Passage | Hit | ScoredPassage
+Candidate = Passage | Hit | ScoredPassage | str
 
 
 def as_query(query: str | Query) -> Query:
     return query if isinstance(query, Query) else Query(text=query)
 
 
+def check_top_k(top_k: int | None) -> int | None:
+    """``top_k`` checked before any work: None keeps every candidate, otherwise an integer >= 0."""
+    if top_k is None:
+        return None
+    if isinstance(top_k, bool) or not isinstance(top_k, int | np.integer) or top_k < 0:
+        raise ValueError(f"top_k must be None or an integer >= 0, got {top_k!r}")
+    return int(top_k)
+
+
 def split_candidates(cands: Sequence[Candidate]) -> tuple[list[Passage], list[float] | None]:
-    """Passages and (when every candidate has one) first-stage scores, in the given order."""
+    """Passages and (when every candidate has one) first-stage scores, in the given order.
+
+    A plain string becomes a passage whose id is its index in ``cands``.
+    """
+    if isinstance(cands, str):
+        raise TypeError("candidates must be a sequence of passages, got one string")
     passages, scores = [], []
-    for c in cands:
-        if isinstance(c, Passage):
+    for i, c in enumerate(cands):
+        if isinstance(c, str):
+            if not c.strip():
+                raise ValueError(f"candidate {i} is an empty string")
+            passages.append(Passage(id=str(i), text=c))
+            scores.append(None)
+        elif isinstance(c, Passage):
             passages.append(c)
             scores.append(None)
         elif isinstance(c, Hit):
@@ -54,7 +73,7 @@ def split_candidates(cands: Sequence[Candidate]) -> tuple[list[Passage], list[fl
             passages.append(c.passage)
             scores.append(c.first_stage_score if c.first_stage_score is not None else c.score)
         else:
-            raise TypeError(f"candidates must be Passage, Hit or ScoredPassage, got {type(c).__name__}")
+            raise TypeError(f"candidates must be str, Passage, Hit or ScoredPassage, got {type(c).__name__}")
     ids = [p.id for p in passages]
     if len(set(ids)) != len(ids):
         dup = sorted({i for i in ids if ids.count(i) > 1})
@@ -106,6 +125,7 @@ class IdentityReranker:
         self, query: str | Query, passages: Sequence[Candidate], top_k: int | None = None
     ) -> RankedList:
         t0 = time.perf_counter()
+        top_k = check_top_k(top_k)
         q = as_query(query)
         ps, fs = split_candidates(passages)
         n = len(ps)
@@ -116,7 +136,7 @@ class IdentityReranker:
             for i, p in enumerate(ps)
         )
         info = {"seconds": time.perf_counter() - t0}
-        return RankedList(query=q, items=items[:top_k] if top_k is not None else items, info=info)
+        return RankedList(query=q, items=items[:top_k], info=info)
 
     def rerank_batch(
         self,
@@ -236,8 +256,10 @@ class AttentionReranker:
         compare, then optionally fused with the standardised first-stage scores.
 
         Raises:
-            ValueError: Duplicate passage ids, or a window that cannot fit the model's context.
+            ValueError: Duplicate passage ids, a negative ``top_k``, or a window that cannot fit the
+                model's context.
         """
+        top_k = check_top_k(top_k)
         q = as_query(query)
         ps, first = split_candidates(passages)
         if not ps:
@@ -273,8 +295,13 @@ class AttentionReranker:
             )
             for r, i in enumerate(order)
         )
-        info = {"windows": len(probe_windows(len(ps), self.cfg)), "seconds": time.perf_counter() - t0}
-        return RankedList(query=q, items=items[:top_k] if top_k is not None else items, info=info)
+        fused = "none" if self.cfg.first_stage_weight <= 0 else ("order" if first is None else "scores")
+        info = {
+            "windows": len(probe_windows(len(ps), self.cfg)),
+            "first_stage": fused,
+            "seconds": time.perf_counter() - t0,
+        }
+        return RankedList(query=q, items=items[:top_k], info=info)
 
     def rerank_batch(
         self,

@@ -11,7 +11,7 @@ from rerank.config import ModelConfig, ProbeConfig
 from rerank.model import load_model, wrap_model
 from rerank.probe import AttentionProbe, check_supported, reference_rows
 from rerank.prompt import NA_QUERY, build_prompt
-from rerank.records import Passage
+from rerank.records import Hit, Passage
 
 
 @pytest.fixture(scope="module")
@@ -214,6 +214,39 @@ def test_edge_cases(smol32):
         rr.rerank("why " * 9000, PASSAGES[:2])
     with pytest.raises(ValueError, match="duplicate passage ids"):
         rr.rerank(QUERY, [PASSAGES[0], PASSAGES[0]])
+
+
+def test_plain_strings_and_top_k(smol32):
+    from rerank.reranker import AttentionReranker, IdentityReranker
+
+    rr = AttentionReranker(smol32, ProbeConfig(layers=(12, 19), nacal_form="ratio"))
+    as_passages = rr.rerank(QUERY, PASSAGES)
+    as_strings = rr.rerank(QUERY, [p.text for p in PASSAGES])
+    # A string is a passage with its index as id and no title.
+    untitled = rr.rerank(QUERY, [Passage(id=str(i), text=p.text) for i, p in enumerate(PASSAGES)])
+    assert as_strings.ids == untitled.ids
+    assert [it.score for it in as_strings.items] == [it.score for it in untitled.items]
+    assert as_passages.ids[:2] == rr.rerank(QUERY, PASSAGES, top_k=2).ids
+    assert as_passages.info["first_stage"] == "none"
+    # Fused with the first stage: unscored candidates use their order as the score.
+    fused = AttentionReranker(smol32, ProbeConfig(layers=(12, 19), nacal_form="ratio", first_stage_weight=2))
+    by_order = fused.rerank(QUERY, PASSAGES)
+    hits = [Hit(passage=p, score=10.0 - i, rank=i + 1) for i, p in enumerate(PASSAGES)]
+    by_scores = fused.rerank(QUERY, hits)
+    assert (by_order.info["first_stage"], by_scores.info["first_stage"]) == ("order", "scores")
+    assert by_order.ids == by_scores.ids
+    np.testing.assert_allclose([it.score for it in by_order.items], [it.score for it in by_scores.items])
+    assert len(rr.rerank(QUERY, PASSAGES, top_k=0)) == 0
+    for engine in (rr, IdentityReranker()):
+        for bad in (-1, 1.5, True, "3"):
+            with pytest.raises(ValueError, match="top_k must be None or an integer >= 0"):
+                engine.rerank(QUERY, PASSAGES, top_k=bad)
+        with pytest.raises(ValueError, match="candidate 1 is an empty string"):
+            engine.rerank(QUERY, ["Paris", "  "])
+        with pytest.raises(TypeError, match="got one string"):
+            engine.rerank(QUERY, "Paris is in France.")
+        with pytest.raises(TypeError, match="got int"):
+            engine.rerank(QUERY, [3])
 
 
 def test_windows_cover_all_candidates(smol32):
