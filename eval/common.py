@@ -71,6 +71,14 @@ def get_opt(opts: Mapping[str, str], key: str, default: Any) -> Any:
         ) from None
 
 
+def get_start(opts: Mapping[str, str], n_questions: int) -> int:
+    """``--opt start=S``: the first test question of a part of a run split over question ranges."""
+    start = int(get_opt(opts, "start", 0))
+    if not 0 <= start < n_questions:
+        raise SuiteError(f"start={start} must be at least 0 and below questions={n_questions}")
+    return start
+
+
 def check_opts(opts: Mapping[str, str], known: Iterable[str]) -> None:
     """Raise :class:`SuiteError` for an ``--opt`` key the suite does not use, listing the valid keys."""
     known = sorted(known)

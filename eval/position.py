@@ -26,10 +26,18 @@ first fitted for the loaded model's dtype is used; defaults: the shipped raw cur
 curves), ``timing_lists=N`` (default 20),
 ``fresh_from=K``: also summarise every system over test questions ``K`` onwards only (``fresh``), for
 when the first ``K`` questions were looked at while choosing the configuration.
+
+A full run is 20 passes per question, hours on a CPU. ``start=S`` probes and reports test questions ``S``
+to ``questions - 1`` only. Every pass is cached under ``results/cache/nq`` (keyed by model, dtype and
+prompt), so several processes can each fill the cache for a disjoint range at once, e.g. on two cores
+``--opt start=0 --opt questions=150`` and ``--opt start=150 --opt questions=300``. A final run without
+``start`` then reads every pass from the cache and reports all the questions together, including
+``probe-cv``, which needs them all (a part of fewer than 3 questions leaves it out).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from argparse import Namespace
 from pathlib import Path
@@ -37,11 +45,23 @@ from typing import Any
 
 import numpy as np
 
-from eval.common import RAW_CURVES, REPO_ROOT, SuiteError, check_opts, get_opt, load_curve, require_data
+from eval.common import (
+    RAW_CURVES,
+    REPO_ROOT,
+    SuiteError,
+    check_opts,
+    get_opt,
+    get_start,
+    load_curve,
+    require_data,
+)
+
+logger = logging.getLogger(__name__)
 
 N = 20
 BINS = 5
 CV_FOLDS = 5
+MIN_CV_QUESTIONS = 3
 SWEEP_LAST = 23
 CV_KINDS = ("raw", "nacal", "ratio", "logratio")
 CV_BANDS: tuple[tuple[int, int], ...] = ((0, 23), (5, 23), (8, 16), (12, 19), (12, 23), (16, 23))
@@ -125,6 +145,40 @@ def nested_cv(
     return ranks, chosen
 
 
+def cv_variants(
+    test: list[Any], stats: dict[str, Any], last: int, probe_cfg: Any
+) -> dict[str, tuple[np.ndarray, str]]:
+    """probe-cv's grid: every score kind x layer band (and head set) x curve form, scored on ``test``."""
+    from rerank.config import load_config
+    from rerank.scoring import passage_scores
+
+    bands: list[Any] = [b for b in CV_BANDS if b[1] <= last]
+    # The SciFact head set (configs/heads.yaml, the previous default) is in the grid too.
+    heads_cfg = load_config(REPO_ROOT / "configs" / "heads.yaml")
+    for hs_cfg in (probe_cfg, heads_cfg.probe):
+        if hs_cfg.head_set and max(layer for layer, _ in hs_cfg.head_set) <= last:
+            band_hs = tuple(map(tuple, hs_cfg.head_set))
+            if band_hs not in bands:
+                bands.append(band_hs)
+    variants: dict[str, tuple[np.ndarray, str]] = {}
+    for kind in CV_KINDS:
+        for band in bands:
+            hs = band if isinstance(band[0], tuple) else None
+            band_kw = {"head_set": hs} if hs else {"layers": band}
+            arr = np.array(
+                [
+                    [passage_scores(stats[f"{it.qid}:{pos}"], kind=kind, **band_kw) for pos in range(N)]
+                    for it in test
+                ]
+            )
+            label = "head_set" if hs else f"layers{band[0]}-{band[1]}"
+            for form in CV_FORMS:
+                if form == "multiplicative" and kind != "raw":
+                    continue  # a ratio needs positive scores
+                variants[f"{kind}/{label}/{form}"] = (arr, form)
+    return variants
+
+
 def run(args: Namespace) -> dict[str, Any]:
     from eval.nq import load_nq
     from eval.probe_stats import ProbeJob, collect
@@ -136,12 +190,15 @@ def run(args: Namespace) -> dict[str, Any]:
     from retrievers.bm25 import BM25Retriever
 
     opts = getattr(args, "opts", {}) or {}
-    check_opts(opts, ["questions", "config", "curve_raw", "curve_nacal", "timing_lists", "fresh_from"])
+    check_opts(
+        opts, ["questions", "start", "config", "curve_raw", "curve_nacal", "timing_lists", "fresh_from"]
+    )
     require_data(args.data_dir, "nq-open-oracle")
     n_q = int(get_opt(opts, "questions", 4 if args.quick else 300))
+    start = get_start(opts, n_q)
     fresh_from = int(get_opt(opts, "fresh_from", 0))
-    if fresh_from and not 0 < fresh_from < n_q:
-        raise SuiteError(f"fresh_from={fresh_from} must be between 1 and questions - 1 ({n_q - 1})")
+    if fresh_from and not start < fresh_from < n_q:
+        raise SuiteError(f"fresh_from={fresh_from} must be between start + 1 ({start + 1}) and {n_q - 1}")
     cfg = load_config(Path(get_opt(opts, "config", str(REPO_ROOT / "configs" / "default.yaml"))))
     model = load_model(cfg.model)
     probe_cfg = cfg.probe
@@ -150,7 +207,9 @@ def run(args: Namespace) -> dict[str, Any]:
     nacal = get_opt(opts, "curve_nacal", "") or cfg.calibration.curves or ("smollm2-135m-nacal.json",)
     curve_na = load_curve(nacal, model, probe_cfg, "curve+content-free")
     test, _ = load_nq(args.data_dir)
-    test = test[:n_q]
+    if len(test) < n_q:
+        raise SuiteError(f"questions={n_q}, but the test split holds {len(test)}")
+    test = test[start:n_q]
     jobs = [
         ProbeJob(f"{it.qid}:{pos}", it.question, tuple(it.with_gold_at(pos, N)))
         for it in test
@@ -193,41 +252,27 @@ def run(args: Namespace) -> dict[str, Any]:
         for pos in range(N):
             ranks["bm25"][pos].append(r)
     systems = {name: summarize(ranks[name]) for name in names}
-    # Nested cross-validation over score kinds, layer bands and curve forms (see the module docstring).
-    bands: list[Any] = [b for b in CV_BANDS if b[1] <= last]
-    # The SciFact head set (configs/heads.yaml, the previous default) is in the grid too.
-    heads_cfg = load_config(REPO_ROOT / "configs" / "heads.yaml")
-    for hs_cfg in (probe_cfg, heads_cfg.probe):
-        if hs_cfg.head_set and max(layer for layer, _ in hs_cfg.head_set) <= last:
-            band_hs = tuple(map(tuple, hs_cfg.head_set))
-            if band_hs not in bands:
-                bands.append(band_hs)
-    variants: dict[str, tuple[np.ndarray, str]] = {}
-    for kind in CV_KINDS:
-        for band in bands:
-            hs = band if isinstance(band[0], tuple) else None
-            band_kw = {"head_set": hs} if hs else {"layers": band}
-            arr = np.array(
-                [
-                    [passage_scores(stats[f"{it.qid}:{pos}"], kind=kind, **band_kw) for pos in range(N)]
-                    for it in test
-                ]
-            )
-            label = "head_set" if hs else f"layers{band[0]}-{band[1]}"
-            for form in CV_FORMS:
-                if form == "multiplicative" and kind != "raw":
-                    continue  # a ratio needs positive scores
-                variants[f"{kind}/{label}/{form}"] = (arr, form)
-    cv_ranks, chosen = nested_cv(variants)
-    ranks["probe-cv"] = {p: list(cv_ranks[:, p]) for p in range(N)}
-    systems["probe-cv"] = summarize(ranks["probe-cv"])
-    systems["probe-cv"]["chosen"] = chosen  # type: ignore[assignment]
+    # Nested cross-validation over score kinds, layer bands and curve forms (see the module docstring);
+    # it needs 3 questions at least, which a part of a split run may not have.
+    variants = cv_variants(test, stats, last, probe_cfg) if len(test) >= MIN_CV_QUESTIONS else {}
+    chosen: list[str] = []
+    if variants:
+        cv_ranks, chosen = nested_cv(variants)
+        ranks["probe-cv"] = {p: list(cv_ranks[:, p]) for p in range(N)}
+        systems["probe-cv"] = summarize(ranks["probe-cv"])
+        systems["probe-cv"]["chosen"] = chosen  # type: ignore[assignment]
+    else:
+        logger.warning(
+            "probe-cv left out: %d questions, nested cross-validation needs %d", len(test), MIN_CV_QUESTIONS
+        )
     fresh: dict[str, Any] = {}
     if fresh_from:
         fresh = {
             "from_question": fresh_from,
-            "questions": len(test) - fresh_from,
-            "systems": {n: summarize({p: r[p][fresh_from:] for p in range(N)}) for n, r in ranks.items()},
+            "questions": n_q - fresh_from,
+            "systems": {
+                n: summarize({p: r[p][fresh_from - start :] for p in range(N)}) for n, r in ranks.items()
+            },
         }
     # Timing: the four calibrators on the same lists, interleaved, each with its own passes.
     n_t = int(get_opt(opts, "timing_lists", 4 if args.quick else 20))
@@ -250,15 +295,18 @@ def run(args: Namespace) -> dict[str, Any]:
     for name, t in times.items():
         systems[name]["seconds_per_query"] = round(float(np.median(t)), 4)
     # probe-cv's variants need the N/A pass unless raw attention was chosen in most folds.
-    raw_picks = sum(c.startswith("raw/") for c in chosen)
-    timed_as = "probe-curve" if raw_picks * 2 > len(chosen) else "probe-curve+nacal"
-    systems["probe-cv"]["seconds_per_query"] = systems[timed_as]["seconds_per_query"]
-    systems["probe-cv"]["timed_as"] = timed_as  # type: ignore[assignment]
+    if chosen:
+        raw_picks = sum(c.startswith("raw/") for c in chosen)
+        timed_as = "probe-curve" if raw_picks * 2 > len(chosen) else "probe-curve+nacal"
+        systems["probe-cv"]["seconds_per_query"] = systems[timed_as]["seconds_per_query"]
+        systems["probe-cv"]["timed_as"] = timed_as  # type: ignore[assignment]
     systems["probe-curve"]["time_ratio_vs_raw"] = round(
         systems["probe-curve"]["seconds_per_query"] / systems["probe-raw"]["seconds_per_query"], 4
     )
     return {
-        "dataset": f"nq-open-oracle test split ({len(test)} questions x {N} gold slots, 19 BM25 distractors)",
+        "dataset": f"nq-open-oracle test split ({len(test)} questions x {N} gold slots, 19 BM25 distractors)"
+        + (f", questions {start}-{n_q - 1}" if start else ""),
+        "questions": {"start": start, "stop": n_q},
         "config": {
             "model": model.model_id,
             "dtype": model.dtype,
@@ -267,7 +315,7 @@ def run(args: Namespace) -> dict[str, Any]:
             "curve_nacal_mode": curve_na.mode,
             "timing_lists": n_t,
             "cv": {
-                "folds": min(CV_FOLDS, len(test)),
+                "folds": min(CV_FOLDS, len(test)) if variants else 0,
                 "variants": len(variants),
                 "objective": "mean recall@1 - bin spread (inner CV)",
             },

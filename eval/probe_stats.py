@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -105,7 +106,11 @@ def collect(
             "tokens": prompt.num_tokens,
             "reused_prefix_tokens": reused,
         }
-        np.savez_compressed(f, meta=json.dumps(meta), **arrays)
+        # Written under another name, then renamed: a run killed mid-write leaves no truncated entry.
+        tmp = f.with_name(f"{f.stem}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, meta=json.dumps(meta), **arrays)
+        os.replace(tmp, f)
         if not keep_tokens:
             st = PassageStats(st.layers, st.query, st.na, st.lengths)
         stats[job.key] = st

@@ -50,7 +50,16 @@ from typing import Any
 import numpy as np
 
 from calibration.curve import CurveMismatchError
-from eval.common import RAW_CURVES, REPO_ROOT, SuiteError, check_opts, get_opt, load_curve, require_data
+from eval.common import (
+    RAW_CURVES,
+    REPO_ROOT,
+    SuiteError,
+    check_opts,
+    get_opt,
+    get_start,
+    load_curve,
+    require_data,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -90,9 +99,7 @@ def run(args: Namespace) -> dict[str, Any]:
     require_data(args.data_dir, "nq-open-oracle")
     n_q = int(get_opt(opts, "questions", 3 if args.quick else 300))
     n_dev = int(get_opt(opts, "dev_questions", 2 if args.quick else 40))
-    start = int(get_opt(opts, "start", 0))
-    if not 0 <= start < n_q:
-        raise SuiteError(f"start={start} must be at least 0 and below questions={n_q}")
+    start = get_start(opts, n_q)
     given_policy = get_opt(opts, "policy", "")
     keys = {f"{r}:{o}/{p}{k}": (r, o, p, k) for r in RANKINGS for o, p, k in CANDIDATE_POLICIES}
     if given_policy and given_policy not in keys:

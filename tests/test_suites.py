@@ -77,6 +77,18 @@ def test_position_suite(data_dir: Path, tmp_path: Path) -> None:
     _in_unit_range(sys_, "recall@1")
     _in_unit_range(sys_, "mrr")
     assert sys_["probe-curve"]["seconds_per_query"] > 0
+    # A part over the last question reads its passes from the cache and reports exactly what the full
+    # run reported for that question alone; probe-cv, which needs 3 questions, is left out.
+    part = _run("position", data_dir, tmp_path, "start=2", "questions=3", "timing_lists=1")
+    assert part["questions"] == {"start": 2, "stop": 3}
+    assert set(part["systems"]) == set(sys_) - {"probe-cv"}
+    for name, fig in r["fresh"]["systems"].items():
+        if name != "probe-cv":
+            assert {k: part["systems"][name][k] for k in fig} == fig, name
+    args = ["position", "--quick", "--data-dir", str(data_dir), "--output", str(tmp_path / "bad.json")]
+    assert main([*args, "--opt", "start=3", "--opt", "questions=3"]) == 2
+    assert main([*args, "--opt", "start=1", "--opt", "fresh_from=1"]) == 2
+    assert not (tmp_path / "bad.json").exists()
 
 
 def test_qa_suite(data_dir: Path, tmp_path: Path) -> None:
