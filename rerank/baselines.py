@@ -153,7 +153,7 @@ class _Baseline:
         """Rerank ``passages`` (first-stage order, best first) for ``query``; ties keep first-stage order.
 
         Raises:
-            ValueError: Duplicate passage ids, a negative ``top_k``, or a prompt that does not fit the model.
+            ValueError: Duplicate passage ids, a bad ``top_k``, or a prompt that does not fit the model.
         """
         top_k = check_top_k(top_k)
         q = as_query(query)

@@ -256,7 +256,7 @@ class AttentionReranker:
         compare, then optionally fused with the standardised first-stage scores.
 
         Raises:
-            ValueError: Duplicate passage ids, a negative ``top_k``, or a window that cannot fit the
+            ValueError: Duplicate passage ids, a bad ``top_k``, or a window that cannot fit the
                 model's context.
         """
         top_k = check_top_k(top_k)
