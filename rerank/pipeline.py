@@ -13,13 +13,16 @@ import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from rerank.config import PipelineConfig, load_config
 from rerank.policies import ORDER_POLICIES, PRUNE_POLICIES, apply_policy
 from rerank.records import Answer, Hit, Passage, Query, RankedList, ScoredPassage
+
+if TYPE_CHECKING:
+    from rerank.reranker import Candidate
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +122,7 @@ class Pipeline:
     def rerank(
         self,
         query: str | Query,
-        passages: Sequence[Passage | Hit | ScoredPassage | str],
+        passages: Sequence[Candidate],
         top_k: int | None = None,
     ) -> RankedList:
         """Rerank candidates (given best first) with the configured probe and calibrator.

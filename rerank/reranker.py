@@ -269,7 +269,8 @@ class AttentionReranker:
         cal = np.empty(len(ps))
         merged = np.empty(len(ps))
         pos = [0] * len(ps)
-        for win in probe_windows(len(ps), self.cfg):
+        windows = probe_windows(len(ps), self.cfg)
+        for win in windows:
             idx = list(win)
             r, c, p = self.score_window(q.text, [ps[i] for i in idx])
             raw[idx], cal[idx] = r, c
@@ -278,8 +279,10 @@ class AttentionReranker:
             for i, slot in zip(idx, p, strict=True):
                 pos[i] = slot
         final = merged.copy()
+        fused = "none"
         if self.cfg.first_stage_weight > 0:
             # Without first-stage scores, the retriever's rank stands in for them.
+            fused = "order" if first is None else "scores"
             fs = np.asarray(first) if first is not None else -np.arange(len(ps), dtype=np.float64)
             final = final + self.cfg.first_stage_weight * zscore(fs)
         order = sorted(range(len(ps)), key=lambda i: (-final[i], i))
@@ -295,9 +298,8 @@ class AttentionReranker:
             )
             for r, i in enumerate(order)
         )
-        fused = "none" if self.cfg.first_stage_weight <= 0 else ("order" if first is None else "scores")
         info = {
-            "windows": len(probe_windows(len(ps), self.cfg)),
+            "windows": len(windows),
             "first_stage": fused,
             "seconds": time.perf_counter() - t0,
         }
