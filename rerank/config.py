@@ -1,12 +1,13 @@
 """Pipeline configuration: pydantic models with ``extra="forbid"``, loaded from ``configs/*.yaml``.
 
-Every default lives here. A YAML file only states what differs from these defaults.
+Every default lives here. A YAML file only states what differs from these defaults, or from the
+config it ``extends`` (see :func:`load_config`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -174,16 +175,12 @@ class PipelineConfig(_Frozen):
     generator: GeneratorConfig = GeneratorConfig()
 
 
-def load_config(path: str | Path) -> PipelineConfig:
-    """Load a pipeline config from YAML.
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 
-    Raises:
-        FileNotFoundError: The file does not exist.
-        ValueError: The YAML is malformed or names an unknown field; the message says which.
-    """
+
+def _read_yaml(path: Path) -> dict[str, Any]:
     import yaml
 
-    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     try:
@@ -192,6 +189,64 @@ def load_config(path: str | Path) -> PipelineConfig:
         raise ValueError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
         raise ValueError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def _base_path(ref: object, child: Path) -> Path:
+    """Where ``extends: ref`` in ``child`` points: a bare name is a file of the project's ``configs/``."""
+    if not isinstance(ref, str) or not ref.strip():
+        raise ValueError(f"{child}: 'extends' must be a config name or path, got {ref!r}")
+    if "/" not in ref and "\\" not in ref and not ref.endswith((".yaml", ".yml")):
+        path = CONFIGS_DIR / f"{ref}.yaml"
+        if not path.is_file():
+            names = sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))
+            raise FileNotFoundError(
+                f"{child}: extends unknown config '{ref}'; the project's configs/ holds: "
+                + (", ".join(names) or f"nothing (no folder {CONFIGS_DIR})")
+            )
+        return path
+    path = Path(ref).expanduser()
+    return path if path.is_absolute() else child.parent / path
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` on top of ``base``: mappings merge key by key, anything else (lists too) is replaced."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _resolve(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    real = path.resolve()
+    if real in seen:
+        chain = " -> ".join(str(p) for p in (*seen, real))
+        raise ValueError(f"config files extend each other in a loop: {chain}")
+    data = _read_yaml(path)
+    ref = data.pop("extends", None)
+    if ref is None:
+        return data
+    return _merge(_resolve(_base_path(ref, path), (*seen, real)), data)
+
+
+def load_config(path: str | Path) -> PipelineConfig:
+    """Load a pipeline config from YAML.
+
+    A file may start from another with ``extends: NAME`` (``configs/NAME.yaml`` of the project, e.g.
+    ``default``) or ``extends: PATH`` (relative to the file); its own settings then override the base's
+    key by key, so ``extends: default`` plus ``generator: {name: none}`` is the tuned default without
+    answer generation.
+
+    Raises:
+        FileNotFoundError: The file, or a file it extends, does not exist.
+        ValueError: The YAML is malformed, names an unknown field, or files extend each other in a
+            loop; the message says which.
+    """
+    path = Path(path)
+    data = _resolve(path)
     try:
         return PipelineConfig.model_validate(data)
     except ValidationError as exc:

@@ -428,4 +428,6 @@ def test_readme_cli_example_runs_verbatim(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr.decode()[-2000:]
     trec = (tmp_path / "results.trec").read_text(encoding="utf-8").splitlines()
     assert {line.split()[0] for line in trec} == {"q1", "q2"}
+    firsts = {line.split()[0]: line.split()[2] for line in trec if line.split()[3] == "1"}
+    assert firsts == {"q1": "p1", "q2": "p2"}  # Hamlet for "Who wrote Hamlet?", the tower for q2
     assert res.stdout.decode().splitlines() == trec

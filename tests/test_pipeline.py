@@ -58,6 +58,52 @@ def test_config_rejects_unknown_keys(tmp_path):
         load_config(p)
 
 
+def test_config_extends_a_named_config_and_overrides_key_by_key(tmp_path):
+    default = load_config("configs/default.yaml")
+    p = tmp_path / "mine.yaml"
+    p.write_text("extends: default\ngenerator: {name: none}\nprobe: {first_stage_weight: 0.5}\n")
+    cfg = load_config(p)
+    assert cfg.generator.name == "none"
+    assert cfg.probe.first_stage_weight == 0.5
+    # Everything else in the probe section is the default's, not the bare PipelineConfig's.
+    assert cfg.probe.layers == default.probe.layers == (12, 19)
+    assert cfg.probe.nacal_form == default.probe.nacal_form
+    assert cfg.calibration == default.calibration
+    assert cfg.retriever == default.retriever
+
+
+def test_config_extends_a_relative_path_in_a_chain(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "base.yaml").write_text("probe: {layers: [2, 5], aggregation: sum}\npolicy: {top_k: 4}\n")
+    (tmp_path / "sub" / "mid.yaml").write_text("extends: ../base.yaml\nprobe: {layers: [1, 3]}\n")
+    (tmp_path / "top.yaml").write_text("extends: sub/mid.yaml\npolicy: {top_k: 2}\n")
+    cfg = load_config(tmp_path / "top.yaml")
+    assert cfg.probe.layers == (1, 3)  # mid overrides base
+    assert cfg.probe.aggregation == "sum"  # base's, kept through mid
+    assert cfg.policy.top_k == 2  # top overrides base
+
+
+def test_config_extends_errors_are_clear(tmp_path):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("extends: b.yaml\n")
+    b.write_text("extends: a.yaml\n")
+    with pytest.raises(ValueError, match="loop"):
+        load_config(a)
+    c = tmp_path / "c.yaml"
+    c.write_text("extends: defualt\n")
+    with pytest.raises(FileNotFoundError, match="unknown config 'defualt'.*default"):
+        load_config(c)
+    c.write_text("extends: [default]\n")
+    with pytest.raises(ValueError, match="'extends' must be a config name or path"):
+        load_config(c)
+    c.write_text("extends: missing.yaml\n")
+    with pytest.raises(FileNotFoundError, match="missing.yaml"):
+        load_config(c)
+    c.write_text("extends: default\nprobe: {layerz: 1}\n")
+    with pytest.raises(ValueError, match="layerz"):
+        load_config(c)
+
+
 def test_default_config_loads_and_names_registered_parts():
     from rerank.calibrators import CALIBRATORS
     from rerank.reranker import PROBE_ENGINES

@@ -5,14 +5,14 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from readme_examples import CLI, FAST_YAML, LANGCHAIN, PYTHON
+from readme_examples import CLI, EXAMPLE_YAML, LANGCHAIN, PYTHON
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
 
 
 def test_examples_are_in_the_readme_verbatim():
     for name, snippet in {
-        "fast.yaml": FAST_YAML,
+        "example.yaml": EXAMPLE_YAML,
         "python": PYTHON,
         "langchain": LANGCHAIN,
         "cli": CLI,
