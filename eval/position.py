@@ -8,6 +8,9 @@ from those same passes:
 ``probe-nacal``         content-free calibration (ICR)
 ``probe-curve``         raw attention corrected by the fitted curve (no extra pass)
 ``probe-curve+nacal``   N/A-calibrated score corrected by a curve fitted on such scores
+``probe-curve+nacal+bm25``  the default fused with the list's BM25 scores by the config's
+                        ``first_stage_weight`` (when above 0), as the reranker fuses first-stage scores:
+                        what a pipeline user gets; the gold passage keeps its BM25 score at every slot
 ``bm25``                BM25 order within the list: position-blind by construction, a reference
 ``probe-cv``            score kind (raw, N/A difference, ``logratio``, ``ratio``), layer band (six
                         fixed bands up to layer 23, and the SciFact head set) and curve form chosen
@@ -66,6 +69,9 @@ SWEEP_LAST = 23
 CV_KINDS = ("raw", "nacal", "ratio", "logratio")
 CV_BANDS: tuple[tuple[int, int], ...] = ((0, 23), (5, 23), (8, 16), (12, 19), (12, 23), (16, 23))
 CV_FORMS = ("none", "subtractive", "zscore", "multiplicative")
+# The default's calibrated score fused with the list's BM25 scores, as the reranker fuses first-stage
+# scores: what a pipeline user gets when the first stage scores the candidates.
+FUSED = "probe-curve+nacal+bm25"
 
 
 def summarize(ranks: dict[int, list[int]]) -> dict[str, float]:
@@ -186,7 +192,7 @@ def run(args: Namespace) -> dict[str, Any]:
     from rerank.config import CalibrationConfig, load_config
     from rerank.model import load_model
     from rerank.reranker import AttentionReranker
-    from rerank.scoring import passage_scores
+    from rerank.scoring import passage_scores, zscore
     from retrievers.bm25 import BM25Retriever
 
     opts = getattr(args, "opts", {}) or {}
@@ -234,23 +240,29 @@ def run(args: Namespace) -> dict[str, Any]:
     kw = {"layers": probe_cfg.layers, "heads": probe_cfg.heads, "aggregation": probe_cfg.aggregation}
     kw["head_set"] = probe_cfg.head_set
     names = ["probe-raw", "probe-nacal", "probe-curve", "probe-curve+nacal", "bm25"]
+    weight = probe_cfg.first_stage_weight
+    if weight > 0:
+        names.insert(4, FUSED)
     ranks: dict[str, dict[int, list[int]]] = {s: {p: [] for p in range(N)} for s in names}
     for it in test:
+        bm = BM25Retriever(backend="bm25s")
+        bm.index(it.with_gold_at(0, N), show_progress=False)
+        bm_gold_first = np.asarray(bm.scores(it.question), dtype=np.float64)
         for pos in range(N):
             st = stats[f"{it.qid}:{pos}"]
             raw = passage_scores(st, kind="raw", **kw)
             na = passage_scores(st, kind=settings.kind("nacal"), **kw)
+            cal = curve_na.apply(na)
             ranks["probe-raw"][pos].append(gold_rank(raw, pos))
             ranks["probe-nacal"][pos].append(gold_rank(na, pos))
             ranks["probe-curve"][pos].append(gold_rank(curve_raw.apply(raw), pos))
-            ranks["probe-curve+nacal"][pos].append(gold_rank(curve_na.apply(na), pos))
-        bm = BM25Retriever(backend="bm25s")
-        passages = it.with_gold_at(0, N)
-        bm.index(passages, show_progress=False)
-        s = bm.scores(it.question)
-        r = gold_rank(np.asarray(s), 0)
-        for pos in range(N):
-            ranks["bm25"][pos].append(r)
+            ranks["probe-curve+nacal"][pos].append(gold_rank(cal, pos))
+            ranks["bm25"][pos].append(gold_rank(bm_gold_first, 0))
+            if weight > 0:
+                # The list's BM25 scores in prompt order (gold at slot pos), fused as the reranker fuses
+                # first-stage scores: z-scored calibrated score + weight x z-scored first-stage score.
+                bm_slots = np.insert(bm_gold_first[1:], pos, bm_gold_first[0])
+                ranks[FUSED][pos].append(gold_rank(zscore(cal) + weight * zscore(bm_slots), pos))
     systems = {name: summarize(ranks[name]) for name in names}
     # Nested cross-validation over score kinds, layer bands and curve forms (see the module docstring);
     # it needs 3 questions at least, which a part of a split run may not have.
@@ -300,6 +312,10 @@ def run(args: Namespace) -> dict[str, Any]:
         timed_as = "probe-curve" if raw_picks * 2 > len(chosen) else "probe-curve+nacal"
         systems["probe-cv"]["seconds_per_query"] = systems[timed_as]["seconds_per_query"]
         systems["probe-cv"]["timed_as"] = timed_as  # type: ignore[assignment]
+    if FUSED in systems:
+        # Fusion is arithmetic on scores the probe already made: its time is the default's.
+        systems[FUSED]["seconds_per_query"] = systems["probe-curve+nacal"]["seconds_per_query"]
+        systems[FUSED]["timed_as"] = "probe-curve+nacal"  # type: ignore[assignment]
     systems["probe-curve"]["time_ratio_vs_raw"] = round(
         systems["probe-curve"]["seconds_per_query"] / systems["probe-raw"]["seconds_per_query"], 4
     )
@@ -313,6 +329,7 @@ def run(args: Namespace) -> dict[str, Any]:
             "probe": probe_cfg.model_dump(),
             "curve_raw_mode": curve_raw.mode,
             "curve_nacal_mode": curve_na.mode,
+            "first_stage_weight": weight,
             "timing_lists": n_t,
             "cv": {
                 "folds": min(CV_FOLDS, len(test)) if variants else 0,

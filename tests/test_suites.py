@@ -13,6 +13,9 @@ from pathlib import Path
 import pytest
 
 from eval.__main__ import main
+from eval.position import FUSED
+
+REPO = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.slow
 
@@ -63,10 +66,19 @@ def test_rerank_suite(data_dir: Path, tmp_path: Path) -> None:
     assert 0 <= lw["parse_failures"] <= lw["windows"] and lw["windows"] >= 1
 
 
-def test_position_suite(data_dir: Path, tmp_path: Path) -> None:
+def test_position_suite(data_dir: Path, tmp_path: Path, smol_model) -> None:
     r = _run("position", data_dir, tmp_path, "questions=3", "timing_lists=1", "fresh_from=2")
     sys_ = r["systems"]
-    assert set(sys_) == {"probe-raw", "probe-nacal", "probe-curve", "probe-curve+nacal", "bm25", "probe-cv"}
+    assert set(sys_) == {
+        "probe-raw",
+        "probe-nacal",
+        "probe-curve",
+        "probe-curve+nacal",
+        FUSED,
+        "bm25",
+        "probe-cv",
+    }
+    assert r["config"]["first_stage_weight"] == 2.0
     # Nested CV: one pick per fold (3 folds of one question), each a kind/band/form of the grid.
     assert len(sys_["probe-cv"]["chosen"]) == 3
     assert all(len(c.split("/")) == 3 for c in sys_["probe-cv"]["chosen"])
@@ -77,6 +89,30 @@ def test_position_suite(data_dir: Path, tmp_path: Path) -> None:
     _in_unit_range(sys_, "recall@1")
     _in_unit_range(sys_, "mrr")
     assert sys_["probe-curve"]["seconds_per_query"] > 0
+    # The fused system is what the shipped reranker returns for the same list when the first stage gives
+    # it BM25 scores: rerank each question's list with the gold passage at slot 10 (given worst first, so
+    # that the default's reversed prompt order puts every passage in the sweep's slot).
+    from eval.nq import load_nq
+    from rerank.config import load_config
+    from rerank.reranker import AttentionReranker
+    from retrievers.bm25 import BM25Retriever
+    from retrievers.records import Hit
+
+    slot = 9
+    rr = AttentionReranker.from_config(load_config(REPO / "configs" / "default.yaml"), smol_model)
+    tops = []
+    for it in load_nq(data_dir)[0][:3]:
+        passages = it.with_gold_at(slot, 20)
+        bm = BM25Retriever(backend="bm25s")
+        bm.index(passages, show_progress=False)
+        scored = list(zip(passages, bm.scores(it.question), strict=True))[::-1]
+        hits = [Hit(passage=p, score=float(x), rank=k + 1) for k, (p, x) in enumerate(scored)]
+        ranked = rr.rerank(it.question, hits)
+        assert [i.prompt_position for i in ranked.items if i.passage.id == it.gold.id] == [slot]
+        assert ranked.info["first_stage"] == "scores"
+        tops.append(ranked.items[0].passage.id == it.gold.id)
+    assert sys_[FUSED][f"recall@1@pos{slot + 1}"] == pytest.approx(sum(tops) / 3, abs=1e-3)
+    assert sys_[FUSED]["timed_as"] == "probe-curve+nacal"
     # A part over the last question reads its passes from the cache and reports exactly what the full
     # run reported for that question alone; probe-cv, which needs 3 questions, is left out.
     part = _run("position", data_dir, tmp_path, "start=2", "questions=3", "timing_lists=1")
