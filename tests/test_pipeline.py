@@ -83,25 +83,27 @@ def test_config_extends_a_relative_path_in_a_chain(tmp_path):
     assert cfg.policy.top_k == 2  # top overrides base
 
 
-def test_config_extends_errors_are_clear(tmp_path):
-    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
-    a.write_text("extends: b.yaml\n")
-    b.write_text("extends: a.yaml\n")
-    with pytest.raises(ValueError, match="loop"):
-        load_config(a)
-    c = tmp_path / "c.yaml"
-    c.write_text("extends: defualt\n")
-    with pytest.raises(FileNotFoundError, match="unknown config 'defualt'.*default"):
-        load_config(c)
-    c.write_text("extends: [default]\n")
-    with pytest.raises(ValueError, match="'extends' must be a config name or path"):
-        load_config(c)
-    c.write_text("extends: missing.yaml\n")
-    with pytest.raises(FileNotFoundError, match="missing.yaml"):
-        load_config(c)
-    c.write_text("extends: default\nprobe: {layerz: 1}\n")
-    with pytest.raises(ValueError, match="layerz"):
-        load_config(c)
+def test_config_extends_in_a_loop_is_a_clear_error(tmp_path):
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ValueError, match=r"loop: .*a\.yaml -> .*b\.yaml -> .*a\.yaml"):
+        load_config(tmp_path / "a.yaml")
+
+
+@pytest.mark.parametrize(
+    ("text", "error", "match"),
+    [
+        ("extends: defualt\n", FileNotFoundError, "unknown config 'defualt'.*default"),
+        ("extends: [default]\n", ValueError, "'extends' must be a config name or path"),
+        ("extends: missing.yaml\n", FileNotFoundError, "missing.yaml"),
+        ("extends: default\nprobe: {layerz: 1}\n", ValueError, "layerz"),
+    ],
+)
+def test_config_extends_errors_are_clear(tmp_path, text, error, match):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    with pytest.raises(error, match=match):
+        load_config(p)
 
 
 def test_default_config_loads_and_names_registered_parts():
