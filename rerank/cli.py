@@ -731,7 +731,11 @@ def build_parser() -> argparse.ArgumentParser:
     p_build.add_argument("--corpus", type=Path, required=True, metavar="FILE.jsonl", help="the corpus")
     p_build.add_argument("--out", type=Path, required=True, metavar="DIR", help="index folder to write")
     p_build.add_argument(
-        "--config", type=Path, default=None, metavar="CFG.yaml", help="pipeline config (its 'retriever' part)"
+        "--config",
+        type=Path,
+        default=None,
+        metavar="CFG",
+        help="pipeline config, a YAML file or a name in configs/ such as 'default' (its 'retriever' part)",
     )
     p_build.add_argument(
         "--retriever",
@@ -751,7 +755,13 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=RUN_HELP + "\n" + EXIT_CODES_HELP,
         formatter_class=fmt,
     )
-    p_run.add_argument("--config", type=Path, required=True, metavar="CFG.yaml", help="pipeline config")
+    p_run.add_argument(
+        "--config",
+        type=Path,
+        required=True,
+        metavar="CFG",
+        help="pipeline config: a YAML file, or a name in configs/ such as 'default'",
+    )
     p_run.add_argument("--input", type=Path, required=True, metavar="QUERIES.jsonl", help="queries")
     p_run.add_argument("--output", type=Path, required=True, metavar="RESULTS.jsonl", help="results")
     p_run.add_argument(

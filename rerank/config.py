@@ -192,19 +192,28 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def _is_name(ref: str) -> bool:
+    return "/" not in ref and "\\" not in ref and not ref.endswith((".yaml", ".yml"))
+
+
+def _named(name: str, where: str) -> Path:
+    """``configs/NAME.yaml`` of the project; ``where`` says who asked, for the error."""
+    path = CONFIGS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        names = sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))
+        raise FileNotFoundError(
+            f"{where}: no config named '{name}' (nor a file of that name); the project's configs/ holds: "
+            + (", ".join(names) or f"nothing (no folder {CONFIGS_DIR})")
+        )
+    return path
+
+
 def _base_path(ref: object, child: Path) -> Path:
     """Where ``extends: ref`` in ``child`` points: a bare name is a file of the project's ``configs/``."""
     if not isinstance(ref, str) or not ref.strip():
         raise ValueError(f"{child}: 'extends' must be a config name or path, got {ref!r}")
-    if "/" not in ref and "\\" not in ref and not ref.endswith((".yaml", ".yml")):
-        path = CONFIGS_DIR / f"{ref}.yaml"
-        if not path.is_file():
-            names = sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))
-            raise FileNotFoundError(
-                f"{child}: extends unknown config '{ref}'; the project's configs/ holds: "
-                + (", ".join(names) or f"nothing (no folder {CONFIGS_DIR})")
-            )
-        return path
+    if _is_name(ref):
+        return _named(ref, f"{child}: extends")
     path = Path(ref).expanduser()
     return path if path.is_absolute() else child.parent / path
 
@@ -233,7 +242,7 @@ def _resolve(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
 
 
 def load_config(path: str | Path) -> PipelineConfig:
-    """Load a pipeline config from YAML.
+    """Load a pipeline config from YAML: a file, or a bare name of the project's ``configs/`` (``default``).
 
     A file may start from another with ``extends: NAME`` (``configs/NAME.yaml`` of the project, e.g.
     ``default``) or ``extends: PATH`` (relative to the file); its own settings then override the base's
@@ -246,6 +255,8 @@ def load_config(path: str | Path) -> PipelineConfig:
             loop; the message says which.
     """
     path = Path(path)
+    if not path.is_file() and _is_name(str(path)):
+        path = _named(str(path), "load_config")
     data = _resolve(path)
     try:
         return PipelineConfig.model_validate(data)

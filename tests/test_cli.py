@@ -86,6 +86,8 @@ def test_usage_errors_exit_2(tmp_path: Path, cfg: Path, capsys: pytest.CaptureFi
         main(["run", "--config", str(tmp_path / "nope.yaml"), "--input", str(inp), "--output", str(out)]) == 2
     )
     assert "config file not found" in capsys.readouterr().err
+    assert main(["run", "--config", "defualt", "--input", str(inp), "--output", str(out)]) == 2
+    assert "no config named 'defualt'" in capsys.readouterr().err  # and the names that exist
     assert main(["run", "--config", str(cfg), "--input", str(tmp_path / "x"), "--output", str(out)]) == 2
     assert "input file not found" in capsys.readouterr().err
     bad_cfg = tmp_path / "bad.yaml"

@@ -93,7 +93,7 @@ def test_config_extends_in_a_loop_is_a_clear_error(tmp_path):
 @pytest.mark.parametrize(
     ("text", "error", "match"),
     [
-        ("extends: defualt\n", FileNotFoundError, "unknown config 'defualt'.*default"),
+        ("extends: defualt\n", FileNotFoundError, "no config named 'defualt'.*holds: default"),
         ("extends: [default]\n", ValueError, "'extends' must be a config name or path"),
         ("extends: missing.yaml\n", FileNotFoundError, "missing.yaml"),
         ("extends: default\nprobe: {layerz: 1}\n", ValueError, "layerz"),
@@ -104,6 +104,17 @@ def test_config_extends_errors_are_clear(tmp_path, text, error, match):
     p.write_text(text)
     with pytest.raises(error, match=match):
         load_config(p)
+
+
+def test_a_config_can_be_named(tmp_path, monkeypatch):
+    assert load_config("default") == load_config("configs/default.yaml")
+    assert Pipeline.from_config("heads").config == load_config("configs/heads.yaml")
+    with pytest.raises(FileNotFoundError, match="no config named 'nope'.*default"):
+        load_config("nope")
+    # A file of that name in the working directory wins over the project's config.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "default").write_text("policy: {top_k: 7}\n")
+    assert load_config("default").policy.top_k == 7
 
 
 def test_default_config_loads_and_names_registered_parts():
