@@ -191,7 +191,7 @@ def run(args: Namespace) -> dict[str, Any]:
     from rerank.calibrators import ScoreSettings
     from rerank.config import CalibrationConfig, load_config
     from rerank.model import load_model
-    from rerank.reranker import AttentionReranker
+    from rerank.reranker import AttentionReranker, fuse_first_stage
     from rerank.scoring import passage_scores, zscore
     from retrievers.bm25 import BM25Retriever
 
@@ -248,6 +248,7 @@ def run(args: Namespace) -> dict[str, Any]:
         bm = BM25Retriever(backend="bm25s")
         bm.index(it.with_gold_at(0, N), show_progress=False)
         bm_gold_first = np.asarray(bm.scores(it.question), dtype=np.float64)
+        bm_rank = gold_rank(bm_gold_first, 0)  # the same at every slot: BM25 does not see position
         for pos in range(N):
             st = stats[f"{it.qid}:{pos}"]
             raw = passage_scores(st, kind="raw", **kw)
@@ -257,12 +258,13 @@ def run(args: Namespace) -> dict[str, Any]:
             ranks["probe-nacal"][pos].append(gold_rank(na, pos))
             ranks["probe-curve"][pos].append(gold_rank(curve_raw.apply(raw), pos))
             ranks["probe-curve+nacal"][pos].append(gold_rank(cal, pos))
-            ranks["bm25"][pos].append(gold_rank(bm_gold_first, 0))
+            ranks["bm25"][pos].append(bm_rank)
             if weight > 0:
-                # The list's BM25 scores in prompt order (gold at slot pos), fused as the reranker fuses
-                # first-stage scores: z-scored calibrated score + weight x z-scored first-stage score.
+                # The list's BM25 scores in prompt order (gold at slot pos), fused by the reranker's own
+                # rule; the list is one window of 20, whose calibrated scores the reranker z-scores.
                 bm_slots = np.insert(bm_gold_first[1:], pos, bm_gold_first[0])
-                ranks[FUSED][pos].append(gold_rank(zscore(cal) + weight * zscore(bm_slots), pos))
+                fused = fuse_first_stage(zscore(cal), bm_slots, weight)
+                ranks[FUSED][pos].append(gold_rank(fused, pos))
     systems = {name: summarize(ranks[name]) for name in names}
     # Nested cross-validation over score kinds, layer bands and curve forms (see the module docstring);
     # it needs 3 questions at least, which a part of a split run may not have.

@@ -96,6 +96,11 @@ def load_matching_curve(
     return pick_compatible([(n, BiasCurve.load(resolve_curve_path(n))) for n in names], probe_meta, keys)
 
 
+def fuse_first_stage(merged: np.ndarray, first_stage: np.ndarray, weight: float) -> np.ndarray:
+    """The reranker's final score: standardised probe scores + ``weight`` x z-scored first-stage scores."""
+    return merged + weight * zscore(first_stage)
+
+
 def template_id(template: PromptTemplate) -> str:
     return hashlib.sha256(repr(asdict(template)).encode()).hexdigest()[:12]
 
@@ -284,7 +289,7 @@ class AttentionReranker:
             # Without first-stage scores, the retriever's rank stands in for them.
             fused = "order" if first is None else "scores"
             fs = np.asarray(first) if first is not None else -np.arange(len(ps), dtype=np.float64)
-            final = final + self.cfg.first_stage_weight * zscore(fs)
+            final = fuse_first_stage(final, fs, self.cfg.first_stage_weight)
         order = sorted(range(len(ps)), key=lambda i: (-final[i], i))
         items = tuple(
             ScoredPassage(
