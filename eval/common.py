@@ -34,6 +34,7 @@ __all__ = [
     "ir_metrics",
     "load_curve",
     "machine_info",
+    "passage_tokens",
     "peak_rss_mb",
     "require_data",
     "write_json",
@@ -42,6 +43,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# ``--quick`` runs check a suite's mechanics, not its figures: passages are cut to this many tokens, so a
+# list of 20 NQ passages makes a prompt of about 1,000 tokens instead of 3,000.
+QUICK_PASSAGE_TOKENS = 32
 
 
 class DataDirError(FileNotFoundError):
@@ -77,6 +81,14 @@ def get_start(opts: Mapping[str, str], n_questions: int) -> int:
     if not 0 <= start < n_questions:
         raise SuiteError(f"start={start} must be at least 0 and below questions={n_questions}")
     return start
+
+
+def passage_tokens(opts: Mapping[str, str], quick: bool, full: int) -> int:
+    """``--opt passage_max_tokens=N``, each passage's token budget: ``full``, or 32 under ``--quick``."""
+    n = int(get_opt(opts, "passage_max_tokens", QUICK_PASSAGE_TOKENS if quick else full))
+    if n < 1:
+        raise SuiteError(f"passage_max_tokens={n} must be at least 1")
+    return n
 
 
 def check_opts(opts: Mapping[str, str], known: Iterable[str]) -> None:

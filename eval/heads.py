@@ -12,7 +12,7 @@ band and bias curve, see ``configs/default.yaml``): systems ``default-w<W>`` for
 ``DEFAULT_WEIGHTS``, and ``choice.default_first_stage_weight``.
 
 Options (``--opt``): ``queries=N`` (default 150; quick 12), ``config=PATH`` (default
-configs/default.yaml).
+configs/default.yaml), ``passage_max_tokens=N`` (default 120; quick 32).
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from eval.common import REPO_ROOT, check_opts, get_opt, per_query_metric
+from eval.common import REPO_ROOT, check_opts, get_opt, passage_tokens, per_query_metric
+from rerank.reranker import fuse_first_stage
 from rerank.scoring import PassageStats, passage_scores, zscore
 
 KS = (1, 2, 4, 8, 16, 32)
@@ -59,7 +60,7 @@ def head_merit(
 
 def fused(q: dict[str, Any], st: PassageStats, head_set: Sequence[tuple[int, int]], w: float) -> np.ndarray:
     s = zscore(passage_scores(st, kind="logratio", head_set=head_set)[::-1])
-    return s + w * zscore(np.asarray(q["bm25"][: len(s)])) if w else s
+    return fuse_first_stage(s, np.asarray(q["bm25"][: len(s)]), w) if w else s
 
 
 def choose(
@@ -98,18 +99,19 @@ def choose(
 
 
 def run(args: Namespace) -> dict[str, Any]:
-    from eval.scifact_stats import collect_scifact
+    from eval.scifact_stats import MAX_TOKENS, collect_scifact
     from rerank.calibrators import ScoreSettings
     from rerank.config import load_config
     from rerank.model import load_model
     from rerank.reranker import AttentionReranker
 
     opts = getattr(args, "opts", {}) or {}
-    check_opts(opts, ["queries", "config"])
+    check_opts(opts, ["queries", "config", "passage_max_tokens"])
     n = int(get_opt(opts, "queries", 12 if args.quick else 150))
+    cap = passage_tokens(opts, args.quick, MAX_TOKENS)
     cfg = load_config(Path(get_opt(opts, "config", str(REPO_ROOT / "configs" / "default.yaml"))))
     model = load_model()
-    queries, qrels, stats = collect_scifact(model, args.data_dir, n)
+    queries, qrels, stats = collect_scifact(model, args.data_dir, n, cap)
     res = choose(queries, qrels, stats)
     bm25 = _ndcg_per_query(qrels, queries, {q["qid"]: np.asarray(q["bm25"]) for q in queries}).mean()
     best_single = int(np.argmax(res["head_merit"]))
@@ -129,7 +131,7 @@ def run(args: Namespace) -> dict[str, Any]:
         base[q["qid"]] = zscore(s[::-1])
     per_w = {}
     for w in DEFAULT_WEIGHTS:
-        scores = {q["qid"]: base[q["qid"]] + w * zscore(np.asarray(q["bm25"])) for q in queries}
+        scores = {q["qid"]: fuse_first_stage(base[q["qid"]], np.asarray(q["bm25"]), w) for q in queries}
         per_w[w] = float(_ndcg_per_query(qrels, queries, scores).mean())
         systems[f"default-w{w:g}"] = {"ndcg@10": round(per_w[w], 4)}
     return {
@@ -138,7 +140,7 @@ def run(args: Namespace) -> dict[str, Any]:
             "model": model.model_id,
             "dtype": model.dtype,
             "kind": "logratio",
-            "passage_max_tokens": 120,
+            "passage_max_tokens": cap,
         },
         "systems": systems,
         "choice": {

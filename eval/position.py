@@ -27,6 +27,7 @@ Options (``--opt``): ``questions=N`` (default 300; quick 4), ``config=PATH`` (pr
 configs/default.yaml), ``curve_raw=PATHS`` and ``curve_nacal=PATHS`` (comma-separated candidates, the
 first fitted for the loaded model's dtype is used; defaults: the shipped raw curves and the config's
 curves), ``timing_lists=N`` (default 20),
+``passage_max_tokens=N`` (default the config's, 300; quick 32, which cuts most NQ passages),
 ``fresh_from=K``: also summarise every system over test questions ``K`` onwards only (``fresh``), for
 when the first ``K`` questions were looked at while choosing the configuration.
 
@@ -56,6 +57,7 @@ from eval.common import (
     get_opt,
     get_start,
     load_curve,
+    passage_tokens,
     require_data,
 )
 
@@ -197,7 +199,17 @@ def run(args: Namespace) -> dict[str, Any]:
 
     opts = getattr(args, "opts", {}) or {}
     check_opts(
-        opts, ["questions", "start", "config", "curve_raw", "curve_nacal", "timing_lists", "fresh_from"]
+        opts,
+        [
+            "questions",
+            "start",
+            "config",
+            "curve_raw",
+            "curve_nacal",
+            "timing_lists",
+            "fresh_from",
+            "passage_max_tokens",
+        ],
     )
     require_data(args.data_dir, "nq-open-oracle")
     n_q = int(get_opt(opts, "questions", 4 if args.quick else 300))
@@ -207,7 +219,8 @@ def run(args: Namespace) -> dict[str, Any]:
         raise SuiteError(f"fresh_from={fresh_from} must be between start + 1 ({start + 1}) and {n_q - 1}")
     cfg = load_config(Path(get_opt(opts, "config", str(REPO_ROOT / "configs" / "default.yaml"))))
     model = load_model(cfg.model)
-    probe_cfg = cfg.probe
+    cap = passage_tokens(opts, args.quick, cfg.probe.passage_max_tokens)
+    probe_cfg = cfg.probe.model_copy(update={"passage_max_tokens": cap})
     # Each option names candidate files (comma-separated); the one fitted for this model's dtype is used.
     curve_raw = load_curve(get_opt(opts, "curve_raw", RAW_CURVES), model, probe_cfg, "curve")
     nacal = get_opt(opts, "curve_nacal", "") or cfg.calibration.curves or ("smollm2-135m-nacal.json",)
@@ -222,9 +235,10 @@ def run(args: Namespace) -> dict[str, Any]:
         for pos in range(N)
     ]
     # Every pass reads layers 0..SWEEP_LAST (or deeper, if the config needs it) so that probe-cv's bands
-    # and any configuration up to that layer are scored from the same cached passes.
+    # and any configuration up to that layer are scored from the same cached passes; a quick run stops at
+    # the config's last layer, and its grid keeps the bands that end there.
     cfg_last = probe_cfg.layer_range[1] if probe_cfg.layer_range else model.num_layers - 1
-    last = min(max(cfg_last, SWEEP_LAST), model.num_layers - 1)
+    last = cfg_last if args.quick else min(max(cfg_last, SWEEP_LAST), model.num_layers - 1)
     stats, _ = collect(
         model,
         jobs,

@@ -28,9 +28,10 @@ Metric: ``accuracy`` = best-subspan exact match (an answer string inside the nor
 pruning). Generation is batched (left padding) per system; ``seconds_per_query`` is the probe's time
 plus the system's generation time divided by the questions. Options (``--opt``): ``questions=N``
 (default 300; quick 3), ``dev_questions=N`` (default 40; quick 2), ``config=PATH``,
-``max_new_tokens=N`` (default 24), ``batch_size=N`` (default 8), ``curve=PATHS`` (candidate raw-attention
-curves, comma-separated; ``bias_aligned`` follows the slot profile of the one fitted for the model's dtype
-and is left out, with a warning, when none is).
+``max_new_tokens=N`` (default 24), ``passage_max_tokens=N`` (probe and generator; default the
+config's, quick 32, which may cut the answer out of a passage), ``batch_size=N`` (default 8),
+``curve=PATHS`` (candidate raw-attention curves, comma-separated; ``bias_aligned`` follows the slot
+profile of the one fitted for the model's dtype and is left out, with a warning, when none is).
 
 A long run can be split over processes or sessions: ``start=S`` scores test questions ``S`` to
 ``questions - 1`` only, and ``policy=KEY`` (e.g. ``bm25+probe:best_last/top_k1``) takes the
@@ -58,6 +59,7 @@ from eval.common import (
     get_opt,
     get_start,
     load_curve,
+    passage_tokens,
     require_data,
 )
 
@@ -94,7 +96,17 @@ def run(args: Namespace) -> dict[str, Any]:
     opts = getattr(args, "opts", {}) or {}
     check_opts(
         opts,
-        ["questions", "start", "dev_questions", "config", "max_new_tokens", "batch_size", "curve", "policy"],
+        [
+            "questions",
+            "start",
+            "dev_questions",
+            "config",
+            "max_new_tokens",
+            "batch_size",
+            "curve",
+            "policy",
+            "passage_max_tokens",
+        ],
     )
     require_data(args.data_dir, "nq-open-oracle")
     n_q = int(get_opt(opts, "questions", 3 if args.quick else 300))
@@ -105,6 +117,11 @@ def run(args: Namespace) -> dict[str, Any]:
     if given_policy and given_policy not in keys:
         raise SuiteError(f"unknown policy={given_policy!r}; choose one of: {', '.join(keys)}")
     fused_cfg = load_config(Path(get_opt(opts, "config", str(REPO_ROOT / "configs" / "default.yaml"))))
+    # The probe and the generator read passages with the same budget.
+    cap = passage_tokens(opts, args.quick, fused_cfg.probe.passage_max_tokens)
+    fused_cfg = fused_cfg.model_copy(
+        update={"probe": fused_cfg.probe.model_copy(update={"passage_max_tokens": cap})}
+    )
     if fused_cfg.probe.first_stage_weight <= 0:
         raise ValueError("the config's probe.first_stage_weight must be > 0 for the bm25+probe systems")
     # The random list order carries no first-stage signal: fusing with it (the reranker's stand-in when

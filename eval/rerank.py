@@ -15,10 +15,12 @@ Baselines (``rerank/baselines.py``, run end to end on the same BM25 candidates, 
 20), ``listwise`` (RankGPT-style generation, windows of 20 sliding by 10 from the bottom), ``pointwise``
 (P(Yes) per passage), ``identity`` (BM25 order) and ``shuffle`` (seeded random order). Nothing is cached.
 
-Options (``--opt``): ``depths=20,100`` candidate depths; ``queries=N`` limit; ``baselines=a,b`` which
-baselines (default all; ``none`` for none); ``baseline_depths=20,100``; ``baseline_queries=N`` runs the
-baselines on the first N queries only (default all; 1 with ``--quick``: icr-reference's two eager forwards
-take 35-60 s per window of 20 on a busy 2-core CPU). In quick mode ``baseline_depths`` defaults to 20.
+Options (``--opt``): ``depths=20,100`` candidate depths; ``queries=N`` limit (quick 5);
+``baselines=a,b`` which baselines (default all; ``none`` for none); ``baseline_depths=20,100``;
+``baseline_queries=N`` runs the baselines on the first N queries only (default all; 1 with ``--quick``:
+icr-reference's two eager forwards take 35-60 s per window of 20 on a busy 2-core CPU). In quick mode
+``baseline_depths`` defaults to 20.
+``passage_max_tokens=N`` (every system; default the config's, 300; quick 32).
 ``baselines_from=FILE`` copies the baseline rows of an earlier full run on the same model and queries
 (they do not depend on the probe configuration) instead of running them again.
 """
@@ -35,8 +37,18 @@ from typing import Any
 
 import numpy as np
 
-from eval.common import REPO_ROOT, SuiteError, check_opts, get_opt, ir_metrics, per_query_metric, require_data
+from eval.common import (
+    REPO_ROOT,
+    SuiteError,
+    check_opts,
+    get_opt,
+    ir_metrics,
+    passage_tokens,
+    per_query_metric,
+    require_data,
+)
 from rerank.records import Passage
+from rerank.reranker import fuse_first_stage
 from rerank.scoring import PassageStats, passage_scores, zscore
 
 WINDOW = 20
@@ -128,9 +140,7 @@ def fused_scores(
             parts.append(_window_scores(stats[f"{q['qid']}:{w}"], v))
     s = np.concatenate(parts)
     w_bm25 = 0.0 if v is None else v.bm25_weight
-    if w_bm25:
-        s = s + w_bm25 * zscore(np.asarray(q["bm25"][:n]))
-    return s
+    return fuse_first_stage(s, np.asarray(q["bm25"][:n]), w_bm25) if w_bm25 else s
 
 
 def to_run(queries: list[dict[str, Any]], scores: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
@@ -170,7 +180,7 @@ def head_set_scores(
         for s in range(0, n, WINDOW)
     ]
     out = np.concatenate(parts)
-    return out + w * zscore(np.asarray(q["bm25"][:n])) if w else out
+    return fuse_first_stage(out, np.asarray(q["bm25"][:n]), w) if w else out
 
 
 def paired_randomization(
@@ -205,12 +215,18 @@ def parse_baselines(opts: dict[str, str], quick: bool) -> tuple[list[str], list[
 
 
 def reuse_baselines(
-    opts: dict[str, str], names: list[str], depths: list[int], n_queries: int, model: Any
+    opts: dict[str, str],
+    names: list[str],
+    depths: list[int],
+    n_queries: int,
+    model: Any,
+    passage_max_tokens: int = 300,
 ) -> dict[str, dict[str, Any]]:
     """Baseline rows of an earlier result (``--opt baselines_from=FILE``), instead of running them again.
 
     The baselines do not depend on the probe configuration, so a rerun for a new default can take them
-    from a full run on the same model, queries and candidates; each copied row names its source file.
+    from a full run on the same model, queries, candidates and passage budget (runs that predate
+    ``config.passage_max_tokens`` used 300); each copied row names its source file.
     """
     path = str(get_opt(opts, "baselines_from", ""))
     if not path or not names:
@@ -228,6 +244,7 @@ def reuse_baselines(
             ("model", cfg.get("model") == model.model_id),
             ("dtype", cfg.get("dtype") == model.dtype),
             ("baseline_queries", cfg.get("baseline_queries") == n_queries),
+            ("passage_max_tokens", cfg.get("passage_max_tokens", 300) == passage_max_tokens),
         )
         if not ok
     ]
@@ -281,21 +298,34 @@ def run(args: Namespace) -> dict[str, Any]:
     opts = getattr(args, "opts", {}) or {}
     check_opts(
         opts,
-        ["depths", "queries", "config", "baselines", "baseline_depths", "baseline_queries", "baselines_from"],
+        [
+            "depths",
+            "queries",
+            "config",
+            "baselines",
+            "baseline_depths",
+            "baseline_queries",
+            "baselines_from",
+            "passage_max_tokens",
+        ],
     )
     baselines, baseline_depths, baseline_limit = parse_baselines(opts, args.quick)
     depths = [int(x) for x in str(get_opt(opts, "depths", "20,100")).split(",")]
     queries, qrels = load_dl19(args.data_dir)
-    limit = int(get_opt(opts, "queries", 0)) or (6 if args.quick else len(queries))
+    limit = int(get_opt(opts, "queries", 0)) or (5 if args.quick else len(queries))
     queries = [q for q in queries if q["qid"] in qrels][:limit]
     if args.quick:
         depths = [20]
     cfg = load_config(Path(get_opt(opts, "config", str(REPO_ROOT / "configs" / "default.yaml"))))
+    # Every system, the baselines included, reads the passages with the same budget.
+    cap = passage_tokens(opts, args.quick, cfg.probe.passage_max_tokens)
+    cfg = cfg.model_copy(update={"probe": cfg.probe.model_copy(update={"passage_max_tokens": cap})})
     model = load_model(cfg.model)
     stats, seconds = collect(
         model,
         window_jobs(queries, max(depths)),
         cache_dir=REPO_ROOT / "results" / "cache" / "dl19",
+        max_passage_tokens=cap,
         desc="dl19",
     )
     grid = variant_grid(model.num_layers)
@@ -392,7 +422,7 @@ def run(args: Namespace) -> dict[str, Any]:
     # On a query subset, BM25's nDCG@10 over the same queries is the figure to read a baseline against.
     subset = len(b_queries) < len(queries)
     bm25_same = float(np.mean([per_q["bm25"][q["qid"]] for q in b_queries])) if subset else None
-    reused = reuse_baselines(opts, baselines, baseline_depths, len(b_queries), model)
+    reused = reuse_baselines(opts, baselines, baseline_depths, len(b_queries), model, cap)
     systems.update(reused)
     for depth in baseline_depths:
         for name in baselines:
@@ -417,6 +447,7 @@ def run(args: Namespace) -> dict[str, Any]:
             "prompt_order": "best-last (BM25 rank 1 next to the query)",
             "depths": depths,
             "queries": len(queries),
+            "passage_max_tokens": cap,
             "default_config": cfg.model_dump(mode="json"),
             "timing_note": "probe-* variants share one all-layer pass with the N/A pass; probe-default is "
             "timed separately with its own configuration",

@@ -41,7 +41,7 @@ def scifact_windows(data_dir: Path, n_queries: int) -> tuple[list[dict[str, Any]
 
 
 def collect_scifact(
-    model: Any, data_dir: Path, n_queries: int = 150
+    model: Any, data_dir: Path, n_queries: int = 150, max_passage_tokens: int = MAX_TOKENS
 ) -> tuple[list[dict[str, Any]], Any, Any]:
     from eval.probe_stats import ProbeJob, collect
 
@@ -51,7 +51,7 @@ def collect_scifact(
         model,
         jobs,
         cache_dir=REPO_ROOT / "results" / "cache" / "scifact",
-        max_passage_tokens=MAX_TOKENS,
+        max_passage_tokens=max_passage_tokens,
         desc="scifact",
     )
     return queries, qrels, stats

@@ -5,7 +5,7 @@ a CPU with AMX/AVX512-BF16). Prompts: the ICR layout of :func:`rerank.prompt.bui
 DL19 BM25 passages (the first query of ``trec-dl19/bm25_top100.json``, passages in BM25 order):
 
 * ``main``: the first passages (each cut to 300 tokens) until the prompt reaches about 2,000 tokens
-  (1,000 under ``--quick``); its figures carry no suffix (``seconds_per_query``, ``peak_rss_mb``);
+  (500 under ``--quick``); its figures carry no suffix (``seconds_per_query``, ``peak_rss_mb``);
 * a sweep of 10, 20, 50 and 100 passages cut to ``passage_max_tokens`` = 70 tokens, so that 100 of
   them fit SmolLM2's 8,192-token context; suffixed ``@10`` ... ``@100``. ``seconds_per_query@n`` of
   every system over these lengths is the scaling curve.
@@ -64,13 +64,14 @@ The theoretical figures (``capture_*``, ``nxn_*``) compare what the probe alloca
 heads x N x head_dim x 4) with an N x N attention map (heads x N x N x 4 per layer, or x layers in bf16
 for ``output_attentions=True``).
 
-``--quick``: a ~1,000-token ``main`` prompt and 5 and 10 passages, 1 round, the baselines at 5 passages
-only. Options (``--opt key=value``): ``repeats``, ``lengths`` (``10,20,50,100``), ``passage_max_tokens``,
-``fresh_process_per_length``, ``threads`` (torch intra-op threads; 0 = torch's default), ``baselines``
-(comma-separated engine names; empty = none), ``baseline_lengths`` (``20,100``; must be among
-``lengths``), ``baseline_repeats`` (1), ``roofline_sizes``, ``roofline_repeats``. On a shared machine,
-set ``threads`` to the cores left free: with more threads than free cores, torch's thread barriers
-stall and timings balloon by 10x or more (``config.load_average_*`` show what else ran).
+``--quick``: a ~500-token ``main`` prompt and 5 and 10 passages cut to 32 tokens, 1 round, the
+baselines at 5 passages only. Options (``--opt key=value``): ``repeats``, ``lengths``
+(``10,20,50,100``), ``passage_max_tokens`` (the sweep's), ``fresh_process_per_length``, ``threads``
+(torch intra-op threads; 0 = torch's default), ``baselines`` (comma-separated engine names; empty =
+none), ``baseline_lengths`` (``20,100``; must be among ``lengths``), ``baseline_repeats`` (1),
+``roofline_sizes``, ``roofline_repeats``. On a shared machine, set ``threads`` to the cores left free:
+with more threads than free cores, torch's thread barriers stall and timings balloon by 10x or more
+(``config.load_average_*`` show what else ran).
 Timings are reported, never asserted.
 """
 
@@ -104,9 +105,10 @@ SUITE = "speed"
 FULL_LENGTHS = (10, 20, 50, 100)
 QUICK_LENGTHS = (5, 10)
 SWEEP_PASSAGE_TOKENS = 70
+QUICK_SWEEP_PASSAGE_TOKENS = 32
 TWO_K_PASSAGE_TOKENS = 300
 TWO_K_TARGET_TOKENS = 2000
-QUICK_TARGET_TOKENS = 1000
+QUICK_TARGET_TOKENS = 500
 DEFAULT_EARLY_LAYERS = (0, 23)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.yaml"
@@ -336,8 +338,9 @@ def measure_matmul_gflops(
     """Best achieved GFLOP/s of square ``n x n @ n x n`` matmuls (``2 n^3`` FLOPs) in ``dtype``.
 
     Uses torch's current thread count. Per size: one warm-up call (oneDNN picks and JITs its kernel on
-    the first call of a shape), then ``repeats`` calls, keeping the fastest. Sizes after one whose call
-    took over ``max_call_s`` are skipped.
+    the first call of a shape), then ``repeats`` calls, keeping the fastest. A warm-up call over
+    ``max_call_s`` is not repeated (its own time is the figure: at that length the JIT is noise), and
+    sizes after one whose call took over ``max_call_s`` are skipped.
 
     Returns:
         ``{"gflops": best over sizes, "per_size": {n: GFLOP/s}}``.
@@ -358,10 +361,12 @@ def measure_matmul_gflops(
             a = torch.randn(n, n, generator=gen, device=device).to(tdtype)
             b = torch.randn(n, n, generator=gen, device=device).to(tdtype)
             out = torch.empty(n, n, dtype=tdtype, device=device)
+            t0 = time.perf_counter()
             torch.matmul(a, b, out=out)
             sync()
-            best = float("inf")
-            for _ in range(repeats):
+            warm = time.perf_counter() - t0
+            best = warm if warm > max_call_s else float("inf")
+            for _ in range(0 if warm > max_call_s else repeats):
                 t0 = time.perf_counter()
                 torch.matmul(a, b, out=out)
                 sync()
@@ -746,7 +751,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     repeats = int(get_opt(opts, "repeats", 1 if quick else 3))
     target = QUICK_TARGET_TOKENS if quick else TWO_K_TARGET_TOKENS
     lengths = tuple(int(x) for x in get_opt(opts, "lengths", QUICK_LENGTHS if quick else FULL_LENGTHS))
-    sweep_tokens = int(get_opt(opts, "passage_max_tokens", SWEEP_PASSAGE_TOKENS))
+    sweep_tokens = int(
+        get_opt(opts, "passage_max_tokens", QUICK_SWEEP_PASSAGE_TOKENS if quick else SWEEP_PASSAGE_TOKENS)
+    )
     fresh = bool(get_opt(opts, "fresh_process_per_length", not quick))
     threads = int(get_opt(opts, "threads", 0))
     baseline_names = [

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from eval.__main__ import main
+from eval.common import QUICK_PASSAGE_TOKENS
 from eval.position import FUSED
 
 REPO = Path(__file__).resolve().parent.parent
@@ -53,6 +54,8 @@ def test_rerank_suite(data_dir: Path, tmp_path: Path) -> None:
         assert name in sys_, name
     _in_unit_range(sys_, "ndcg@10")
     _in_unit_range(sys_, "mrr@10")
+    assert r["config"]["passage_max_tokens"] == QUICK_PASSAGE_TOKENS
+    assert r["config"]["default_config"]["probe"]["passage_max_tokens"] == QUICK_PASSAGE_TOKENS
     # The position-prior control in best-last windows of BM25 order is BM25's own order at depth 20.
     assert sys_["position-prior@20"]["ndcg@10"] == pytest.approx(sys_["bm25"]["ndcg@10"])
     # Baselines run on a query subset in quick mode; identity is BM25's order on those queries.
@@ -99,7 +102,11 @@ def test_position_suite(data_dir: Path, tmp_path: Path, smol_model) -> None:
     from retrievers.records import Hit
 
     slot = 9
-    rr = AttentionReranker.from_config(load_config(REPO / "configs" / "default.yaml"), smol_model)
+    # A quick sweep cuts passages short; the reranker reads them with the same budget.
+    assert r["config"]["probe"]["passage_max_tokens"] == QUICK_PASSAGE_TOKENS
+    cfg = load_config(REPO / "configs" / "default.yaml")
+    probe = cfg.probe.model_copy(update={"passage_max_tokens": QUICK_PASSAGE_TOKENS})
+    rr = AttentionReranker(smol_model, probe, cfg.calibration)
     tops = []
     for it in load_nq(data_dir)[0][:3]:
         passages = it.with_gold_at(slot, 20)
@@ -128,7 +135,7 @@ def test_position_suite(data_dir: Path, tmp_path: Path, smol_model) -> None:
 
 
 def test_qa_suite(data_dir: Path, tmp_path: Path) -> None:
-    r = _run("qa", data_dir, tmp_path, "questions=2", "dev_questions=1", "max_new_tokens=8")
+    r = _run("qa", data_dir, tmp_path, "questions=1", "dev_questions=1", "max_new_tokens=8")
     sys_ = r["systems"]
     for name in (
         "closed-book",
@@ -145,6 +152,8 @@ def test_qa_suite(data_dir: Path, tmp_path: Path) -> None:
     ):
         assert name in sys_, name
     _in_unit_range(sys_, "accuracy")
+    # The probe and the generator read the quick run's short passages.
+    assert r["config"]["probe"]["passage_max_tokens"] == QUICK_PASSAGE_TOKENS
     # The BM25 control applies the very order and prune the dev questions chose for the probe.
     ranking, policy = sys_["best-policy"]["chosen"].split(":")
     assert ranking in ("probe", "bm25+probe")
@@ -172,6 +181,7 @@ def test_qa_suite_refuses_a_bad_part(data_dir: Path, tmp_path: Path, capsys, opt
 
 def test_heads_suite(data_dir: Path, tmp_path: Path) -> None:
     r = _run("heads", data_dir, tmp_path, "queries=5")
+    assert r["config"]["passage_max_tokens"] == QUICK_PASSAGE_TOKENS
     choice = r["choice"]
     assert 1 <= len(choice["head_set"]) == choice["k"]
     assert all(0 <= layer < 30 and 0 <= head < 9 for layer, head in choice["head_set"])
@@ -224,6 +234,8 @@ def test_rerank_reuses_baseline_rows_only_from_the_same_run(tmp_path: Path) -> N
     assert reuse_baselines({}, ["listwise"], [20], 43, model) == {}
     with pytest.raises(SuiteError, match="baseline_queries"):
         reuse_baselines({"baselines_from": str(f)}, ["listwise"], [20], 1, model)
+    with pytest.raises(SuiteError, match="passage_max_tokens"):  # the old run read 300-token passages
+        reuse_baselines({"baselines_from": str(f)}, ["listwise"], [20], 43, model, 48)
     with pytest.raises(SuiteError, match="no listwise@100"):
         reuse_baselines({"baselines_from": str(f)}, ["listwise"], [100], 43, model)
     old["config"]["quick"] = True
