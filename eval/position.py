@@ -27,7 +27,8 @@ Options (``--opt``): ``questions=N`` (default 300; quick 4), ``config=PATH`` (pr
 configs/default.yaml), ``curve_raw=PATHS`` and ``curve_nacal=PATHS`` (comma-separated candidates, the
 first fitted for the loaded model's dtype is used; defaults: the shipped raw curves and the config's
 curves), ``timing_lists=N`` (default 20),
-``passage_max_tokens=N`` (default the config's, 300; quick 32, which cuts most NQ passages),
+``passage_max_tokens=N`` (default the config's, 300; quick 32, which cuts most NQ passages; a quick
+run also reads layers up to the config's last only, so probe-cv's grid keeps the bands ending there),
 ``fresh_from=K``: also summarise every system over test questions ``K`` onwards only (``fresh``), for
 when the first ``K`` questions were looked at while choosing the configuration.
 
