@@ -35,6 +35,7 @@ __all__ = [
     "load_curve",
     "machine_info",
     "passage_tokens",
+    "with_passage_tokens",
     "peak_rss_mb",
     "require_data",
     "write_json",
@@ -89,6 +90,13 @@ def passage_tokens(opts: Mapping[str, str], quick: bool, full: int) -> int:
     if n < 1:
         raise SuiteError(f"passage_max_tokens={n} must be at least 1")
     return n
+
+
+def with_passage_tokens(cfg: Any, opts: Mapping[str, str], quick: bool) -> Any:
+    """``cfg`` (a :class:`rerank.config.PipelineConfig`) with its probe's ``passage_max_tokens`` set by
+    :func:`passage_tokens`, so that the probe, the generator and the baselines all read the same text."""
+    cap = passage_tokens(opts, quick, cfg.probe.passage_max_tokens)
+    return cfg.model_copy(update={"probe": cfg.probe.model_copy(update={"passage_max_tokens": cap})})
 
 
 def check_opts(opts: Mapping[str, str], known: Iterable[str]) -> None:

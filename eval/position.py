@@ -58,8 +58,8 @@ from eval.common import (
     get_opt,
     get_start,
     load_curve,
-    passage_tokens,
     require_data,
+    with_passage_tokens,
 )
 
 logger = logging.getLogger(__name__)
@@ -218,10 +218,10 @@ def run(args: Namespace) -> dict[str, Any]:
     fresh_from = int(get_opt(opts, "fresh_from", 0))
     if fresh_from and not start < fresh_from < n_q:
         raise SuiteError(f"fresh_from={fresh_from} must be between start + 1 ({start + 1}) and {n_q - 1}")
-    cfg = load_config(Path(get_opt(opts, "config", str(REPO_ROOT / "configs" / "default.yaml"))))
+    config_path = Path(get_opt(opts, "config", str(REPO_ROOT / "configs" / "default.yaml")))
+    cfg = with_passage_tokens(load_config(config_path), opts, args.quick)
     model = load_model(cfg.model)
-    cap = passage_tokens(opts, args.quick, cfg.probe.passage_max_tokens)
-    probe_cfg = cfg.probe.model_copy(update={"passage_max_tokens": cap})
+    probe_cfg = cfg.probe
     # Each option names candidate files (comma-separated); the one fitted for this model's dtype is used.
     curve_raw = load_curve(get_opt(opts, "curve_raw", RAW_CURVES), model, probe_cfg, "curve")
     nacal = get_opt(opts, "curve_nacal", "") or cfg.calibration.curves or ("smollm2-135m-nacal.json",)

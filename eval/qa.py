@@ -59,8 +59,8 @@ from eval.common import (
     get_opt,
     get_start,
     load_curve,
-    passage_tokens,
     require_data,
+    with_passage_tokens,
 )
 
 logger = logging.getLogger(__name__)
@@ -116,12 +116,8 @@ def run(args: Namespace) -> dict[str, Any]:
     keys = {f"{r}:{o}/{p}{k}": (r, o, p, k) for r in RANKINGS for o, p, k in CANDIDATE_POLICIES}
     if given_policy and given_policy not in keys:
         raise SuiteError(f"unknown policy={given_policy!r}; choose one of: {', '.join(keys)}")
-    fused_cfg = load_config(Path(get_opt(opts, "config", str(REPO_ROOT / "configs" / "default.yaml"))))
-    # The probe and the generator read passages with the same budget.
-    cap = passage_tokens(opts, args.quick, fused_cfg.probe.passage_max_tokens)
-    fused_cfg = fused_cfg.model_copy(
-        update={"probe": fused_cfg.probe.model_copy(update={"passage_max_tokens": cap})}
-    )
+    config_path = Path(get_opt(opts, "config", str(REPO_ROOT / "configs" / "default.yaml")))
+    fused_cfg = with_passage_tokens(load_config(config_path), opts, args.quick)
     if fused_cfg.probe.first_stage_weight <= 0:
         raise ValueError("the config's probe.first_stage_weight must be > 0 for the bm25+probe systems")
     # The random list order carries no first-stage signal: fusing with it (the reranker's stand-in when

@@ -43,9 +43,9 @@ from eval.common import (
     check_opts,
     get_opt,
     ir_metrics,
-    passage_tokens,
     per_query_metric,
     require_data,
+    with_passage_tokens,
 )
 from rerank.records import Passage
 from rerank.reranker import fuse_first_stage
@@ -316,10 +316,10 @@ def run(args: Namespace) -> dict[str, Any]:
     queries = [q for q in queries if q["qid"] in qrels][:limit]
     if args.quick:
         depths = [20]
-    cfg = load_config(Path(get_opt(opts, "config", str(REPO_ROOT / "configs" / "default.yaml"))))
+    config_path = Path(get_opt(opts, "config", str(REPO_ROOT / "configs" / "default.yaml")))
     # Every system, the baselines included, reads the passages with the same budget.
-    cap = passage_tokens(opts, args.quick, cfg.probe.passage_max_tokens)
-    cfg = cfg.model_copy(update={"probe": cfg.probe.model_copy(update={"passage_max_tokens": cap})})
+    cfg = with_passage_tokens(load_config(config_path), opts, args.quick)
+    cap = cfg.probe.passage_max_tokens
     model = load_model(cfg.model)
     stats, seconds = collect(
         model,
