@@ -8,6 +8,12 @@ suite is a mean over questions (``accuracy``, ``gold_in_context``, ``seconds_per
 combined figure is the question-weighted mean of the parts' figures: exactly what one run over all the
 questions would report, except that each part's seconds were measured under its own machine load.
 
+``position`` parts are merged the same way, with two differences. The bin spread and the position-blind
+null beside it are not means: they are computed again, from every question's gold ranks where each
+part kept them (``per_question``), else the spread from the merged bins and no null. ``probe-cv`` is
+left out: each part chose its variants on its own questions; a run over the whole range from the
+suite's cache of passes reports it.
+
 Parts must come from the same suite with the same configuration (options that only choose the question
 range, the batch size or a best policy already chosen on dev may differ), cover contiguous,
 non-overlapping question ranges and report the same systems; anything else is refused.
@@ -23,13 +29,29 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from eval.common import SuiteError, write_json
 
-MERGEABLE = {"qa"}
+MERGEABLE = {"qa", "position"}
 #: Config keys that may differ between parts: run bookkeeping, not the experiment.
-PART_KEYS = {"opts", "wall_seconds", "dev_questions", "dev_accuracy", "best_policy_source"}
+PART_KEYS = {
+    "opts",
+    "wall_seconds",
+    "dev_questions",
+    "dev_accuracy",
+    "best_policy_source",
+    "timing_lists",
+    "cv",
+}
+#: Systems chosen on each part's own questions, which a merge cannot combine.
+PER_PART_CHOICE = {"position": {"probe-cv"}}
 #: Per-system values that are means over questions.
-MEAN_METRICS = {"accuracy", "gold_in_context", "seconds_per_query"}
+MEAN_METRICS = {"accuracy", "gold_in_context", "seconds_per_query", "recall@1", "mrr"}
+
+
+def _is_mean(key: str) -> bool:
+    return key in MEAN_METRICS or re.fullmatch(r"recall@1@(pos|bin)\d+", key) is not None
 
 
 def question_range(part: dict[str, Any], path: str) -> tuple[int, int]:
@@ -60,6 +82,12 @@ def merge_parts(parts: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
     def experiment(cfg: dict[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in cfg.items() if k not in PART_KEYS}
 
+    suite = next(iter(suites))
+    left_out = PER_PART_CHOICE.get(suite, set())
+    parts = [
+        (path, {**p, "systems": {k: v for k, v in p["systems"].items() if k not in left_out}})
+        for path, p in parts
+    ]
     ref_path, ref = parts[0]
     for path, p in parts[1:]:
         a, b = experiment(ref["config"]), experiment(p["config"])
@@ -84,12 +112,15 @@ def merge_parts(parts: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
     for name, s in ref["systems"].items():
         out: dict[str, Any] = {}
         for key, value in s.items():
-            if key in MEAN_METRICS:
+            if _is_mean(key):
                 w = sum((e - st) * p["systems"][name][key] for st, e, _, p in ranged)
                 out[key] = round(w / total, 4)
             else:
                 out[key] = value
         systems[name] = out
+    per_question = None
+    if suite == "position":
+        per_question = _position_recompute(systems, [p for *_, p in ranged])
     dev = [p for _, p in parts if p["config"].get("dev_accuracy")]
     config = {k: v for k, v in ref["config"].items() if k not in PART_KEYS}
     if dev:
@@ -98,6 +129,8 @@ def merge_parts(parts: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
     start, stop = ranged[0][0], ranged[-1][1]
     # "(150 questions, ..." in the first part's description becomes the merged count.
     dataset = re.sub(r"\(\d+ questions", f"({total} questions", ranged[0][3]["dataset"], count=1)
+    # A part of a split run names its range ("..., questions 149-182"): name the merged one instead.
+    dataset = re.sub(r", questions \d+-\d+$", f", questions {start}-{stop - 1}" if start else "", dataset)
     return {
         "suite": ref["suite"],
         "dataset": dataset,
@@ -115,7 +148,41 @@ def merge_parts(parts: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
             }
             for s, e, path, p in ranged
         ],
+        **(
+            {"left_out": {k: "chosen on each part's own questions" for k in sorted(left_out)}}
+            if left_out
+            else {}
+        ),
+        **({"per_question": per_question} if per_question else {}),
     }
+
+
+def _position_recompute(
+    systems: dict[str, dict[str, Any]], parts: list[dict[str, Any]]
+) -> dict[str, Any] | None:
+    """Recompute what is not a mean over questions; returns the merged ``per_question`` (or None)."""
+    from eval.position import BINS, N, summarize
+
+    kept = [p.get("per_question") for p in parts]
+    if all(kept):
+        merged = {
+            "qids": [q for pq in kept for q in pq["qids"]],
+            "gold_rank": {name: [row for pq in kept for row in pq["gold_rank"][name]] for name in systems},
+        }
+        for name, rows in merged["gold_rank"].items():
+            mat = np.array([[int(x) for x in row.split()] for row in rows])
+            systems[name].update(summarize({pos: list(mat[:, pos]) for pos in range(N)}))
+    else:
+        merged = None
+        for out in systems.values():
+            bins = [out[f"recall@1@bin{b + 1}"] for b in range(BINS)]
+            out["bin_spread"] = round(max(bins) - min(bins), 4)
+            for key in ("bin_spread_null_median", "bin_spread_null_p95", "bin_spread_p"):
+                out.pop(key, None)
+    raw, curve = systems.get("probe-raw", {}), systems.get("probe-curve", {})
+    if raw.get("seconds_per_query") and "time_ratio_vs_raw" in curve:
+        curve["time_ratio_vs_raw"] = round(curve["seconds_per_query"] / raw["seconds_per_query"], 4)
+    return merged
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -22,6 +22,11 @@ from those same passes:
 Metrics: gold recall@1 per slot (``recall@1@pos1`` .. ``@pos20``), per bin of four slots (``@bin1`` ..
 ``@bin5``), ``bin_spread`` (max - min over bins), ``recall@1`` (mean), ``mrr``; ``seconds_per_query`` is
 timed separately per calibrator on the same lists (interleaved), since the shared pass runs ``N/A`` for all.
+Beside each spread, what chance alone gives a position-blind ranker on the same questions (each
+question's hits shuffled over its slots, 2,000 times): ``bin_spread_null_median``, ``_null_p95`` and
+``bin_spread_p``, the share of shuffles at least as uneven as the observed. ``per_question`` keeps every
+system's gold rank per question and slot (one string of 20 ranks per question), so that parts of a
+run can be merged exactly (``python -m eval.merge``).
 
 Options (``--opt``): ``questions=N`` (default 300; quick 4), ``config=PATH`` (probe settings; default
 configs/default.yaml), ``curve_raw=PATHS`` and ``curve_nacal=PATHS`` (comma-separated candidates, the
@@ -68,6 +73,8 @@ N = 20
 BINS = 5
 CV_FOLDS = 5
 MIN_CV_QUESTIONS = 3
+# Shuffles for the position-blind null of the bin spread (see spread_null).
+NULL_TRIALS = 2000
 SWEEP_LAST = 23
 CV_KINDS = ("raw", "nacal", "ratio", "logratio")
 CV_BANDS: tuple[tuple[int, int], ...] = ((0, 23), (5, 23), (8, 16), (12, 19), (12, 23), (16, 23))
@@ -89,11 +96,40 @@ def summarize(ranks: dict[int, list[int]]) -> dict[str, float]:
     bins = [float(np.mean(per_pos[b * size : (b + 1) * size])) for b in range(BINS)]
     for b, v in enumerate(bins):
         out[f"recall@1@bin{b + 1}"] = round(v, 4)
-    out["bin_spread"] = round(max(bins) - min(bins), 4)
+    spread = max(bins) - min(bins)
+    out["bin_spread"] = round(spread, 4)
     out["recall@1"] = round(float(np.mean(per_pos)), 4)
     allr = np.concatenate([np.asarray(ranks[p]) for p in range(N)])
     out["mrr"] = round(float((1.0 / allr).mean()), 4)
+    hits = np.array([np.asarray(ranks[p]) == 1 for p in range(N)]).T  # (questions, slot)
+    out.update(spread_null(hits, spread))
     return out
+
+
+def spread_null(
+    hits: np.ndarray, observed: float, trials: int = NULL_TRIALS, seed: int = 0
+) -> dict[str, float]:
+    """What bin spread a position-blind ranker would show on these questions, and how the observed compares.
+
+    ``hits[q, pos]``: the gold passage ranked first with gold at ``pos``. Under position-blindness each
+    question's hits are exchangeable over its 20 slots, so shuffling them within the question gives
+    the spread that chance alone produces with this many questions and this per-question accuracy.
+    Returns the null's median and 95th percentile, and the share of shuffles at least as uneven as the
+    observed (``bin_spread_p``: small means the unevenness is real, large that the sample cannot tell).
+    """
+    rng = np.random.default_rng(seed)
+    q = hits.shape[0]
+    null = np.empty(trials)
+    for t0 in range(0, trials, 250):
+        t = min(250, trials - t0)
+        perm = rng.permuted(np.broadcast_to(hits, (t, *hits.shape)), axis=2)
+        bins = perm.reshape(t, q, BINS, N // BINS).mean(axis=(1, 3))
+        null[t0 : t0 + t] = bins.max(axis=1) - bins.min(axis=1)
+    return {
+        "bin_spread_null_median": round(float(np.median(null)), 4),
+        "bin_spread_null_p95": round(float(np.percentile(null, 95)), 4),
+        "bin_spread_p": round(float(((null >= observed - 1e-12).sum() + 1) / (trials + 1)), 4),
+    }
 
 
 def gold_rank(scores: np.ndarray, gold: int) -> int:
@@ -356,4 +392,11 @@ def run(args: Namespace) -> dict[str, Any]:
         },
         "systems": systems,
         **({"fresh": fresh} if fresh else {}),
+        "per_question": {
+            "qids": [it.qid for it in test],
+            "gold_rank": {
+                name: [" ".join(str(int(r[p][i])) for p in range(N)) for i in range(len(test))]
+                for name, r in ranks.items()
+            },
+        },
     }

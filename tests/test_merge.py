@@ -6,10 +6,12 @@ import copy
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from eval.common import SuiteError
 from eval.merge import main, merge_parts
+from eval.position import N, summarize
 
 
 def _part(
@@ -68,7 +70,7 @@ def test_weighted_means_equal_one_run_over_all_questions() -> None:
         (lambda p: p["config"].update(max_new_tokens=32), "max_new_tokens"),
         (lambda p: p["systems"]["best-policy"].update(chosen="probe:best_last/top_k3"), "same policy"),
         (lambda p: p["systems"].pop("retriever-order"), "other systems"),
-        (lambda p: p.update(suite="position"), "suites"),
+        (lambda p: p.update(suite="rerank"), "suites"),
     ],
 )
 def test_refuses_parts_that_are_not_one_experiment(change, message: str) -> None:
@@ -101,3 +103,61 @@ def test_command_line_writes_the_merge_and_reports_refusals(tmp_path: Path, caps
     assert merged["systems"]["retriever-order"]["accuracy"] == pytest.approx(0.3)
     assert main([str(pa), str(tmp_path / "missing.json"), "--output", str(out)]) == 2
     assert "part not found" in capsys.readouterr().err
+
+
+def _position_part(start: int, ranks: dict[str, np.ndarray], secs: float) -> dict:
+    """A position part built by the suite's own summary from (questions, slot) gold ranks."""
+    stop = start + next(iter(ranks.values())).shape[0]
+    systems = {
+        name: {**summarize({p: list(r[:, p]) for p in range(N)}), "seconds_per_query": secs}
+        for name, r in ranks.items()
+    }
+    systems["probe-curve"]["time_ratio_vs_raw"] = 1.0
+    systems["probe-cv"] = {**systems["probe-raw"], "chosen": [f"pick-{start}"]}
+    return {
+        "suite": "position",
+        "dataset": f"nq-open-oracle test split ({stop - start} questions x 20 gold slots, 19 BM25 "
+        f"distractors), questions {start}-{stop - 1}",
+        "questions": {"start": start, "stop": stop},
+        "config": {"model": "m", "timing_lists": 1, "cv": {"folds": 3}, "opts": {}, "wall_seconds": 1.0},
+        "systems": systems,
+        "per_question": {
+            "qids": [f"q{start + i}" for i in range(stop - start)],
+            "gold_rank": {n: [" ".join(map(str, row)) for row in r] for n, r in ranks.items()},
+        },
+        "machine": {},
+    }
+
+
+def test_position_parts_merge_to_the_summary_of_all_their_questions() -> None:
+    rng = np.random.default_rng(0)
+    ranks = {
+        "probe-raw": rng.integers(1, 4, (30, N)),
+        "probe-curve": rng.integers(1, 3, (30, N)),
+    }
+    a = _position_part(100, {k: v[:12] for k, v in ranks.items()}, secs=2.0)
+    b = _position_part(112, {k: v[12:] for k, v in ranks.items()}, secs=4.0)
+    b["systems"]["probe-curve"]["seconds_per_query"] = 3.0
+    m = merge_parts([("b.json", b), ("a.json", a)])
+    for name, r in ranks.items():
+        whole = summarize({p: list(r[:, p]) for p in range(N)})
+        got = m["systems"][name]
+        assert {k: got[k] for k in whole} == whole  # spread and null recomputed, not averaged
+    assert "probe-cv" not in m["systems"] and "probe-cv" in m["left_out"]
+    assert m["systems"]["probe-raw"]["seconds_per_query"] == pytest.approx((12 * 2 + 18 * 4) / 30)
+    curve = m["systems"]["probe-curve"]
+    assert curve["time_ratio_vs_raw"] == pytest.approx(
+        curve["seconds_per_query"] / m["systems"]["probe-raw"]["seconds_per_query"], abs=1e-4
+    )
+    assert m["dataset"].startswith("nq-open-oracle test split (30 questions")
+    assert m["dataset"].endswith("questions 100-129")
+    assert len(m["per_question"]["qids"]) == 30
+
+    # A part written without per-question ranks: the spread comes from the merged bins, no null.
+    del a["per_question"]
+    m = merge_parts([("a.json", a), ("b.json", b)])
+    raw = m["systems"]["probe-raw"]
+    bins = [raw[f"recall@1@bin{i}"] for i in range(1, 6)]
+    assert raw["bin_spread"] == pytest.approx(max(bins) - min(bins), abs=1e-4)
+    assert raw["recall@1"] == pytest.approx(float((ranks["probe-raw"] == 1).mean()), abs=1e-4)
+    assert "bin_spread_null_p95" not in raw and "per_question" not in m

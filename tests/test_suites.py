@@ -14,6 +14,7 @@ import pytest
 
 from eval.__main__ import main
 from eval.common import QUICK_PASSAGE_TOKENS
+from eval.merge import merge_parts
 from eval.position import FUSED
 
 REPO = Path(__file__).resolve().parent.parent
@@ -128,6 +129,14 @@ def test_position_suite(data_dir: Path, tmp_path: Path, smol_model) -> None:
     for name, fig in r["fresh"]["systems"].items():
         if name != "probe-cv":
             assert {k: part["systems"][name][k] for k in fig} == fig, name
+    # Merged with a part over the first two questions, it gives the full run's figures, the bin spread's
+    # position-blind null included (recomputed from the parts' per-question ranks, not averaged).
+    first = _run("position", data_dir, tmp_path, "start=0", "questions=2", "timing_lists=1")
+    merged = merge_parts([("part.json", part), ("first.json", first)])
+    assert merged["per_question"]["qids"] == r["per_question"]["qids"]
+    for name, fig in merged["systems"].items():
+        want = {k: v for k, v in sys_[name].items() if k != "seconds_per_query" and "time" not in k}
+        assert {k: fig[k] for k in want} == want, name
     args = ["position", "--quick", "--data-dir", str(data_dir), "--output", str(tmp_path / "bad.json")]
     assert main([*args, "--opt", "start=3", "--opt", "questions=3"]) == 2
     assert main([*args, "--opt", "start=1", "--opt", "fresh_from=1"]) == 2
