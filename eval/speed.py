@@ -34,10 +34,10 @@ under those names in :data:`rerank.reranker.PROBE_ENGINES` by ``rerank.baselines
 (default 20 and 100; they are slow): one warm-up call on the first 2 passages, then ``baseline_repeats``
 interleaved rounds (default 1) at each length. A baseline that raises ``ValueError`` at a length (the
 ``output_attentions`` reference refuses prompts whose N x N attention maps would not fit its memory
-limit) gets ``skipped@n`` = the reason instead of figures; the run goes on. When ``rerank.baselines``
-cannot be imported, the baselines are skipped with a logged message and listed in
-``config.skipped_systems``. ``probe`` and ``probe-default`` get ``ratio_probe_vs_<baseline>@n`` and
-``ratio_vs_<baseline>@n`` (their seconds / the baseline's, same run; ``-`` in names becomes ``_``).
+limit) gets ``skipped@n`` = the reason instead of figures; the run goes on. A name that is not a
+registered engine is refused before the model loads. ``probe`` and ``probe-default`` get
+``ratio_probe_vs_<baseline>@n`` and ``ratio_vs_<baseline>@n`` (their seconds / the baseline's, same
+run; ``-`` in names becomes ``_``).
 
 Roofline: in the same process, after the model is loaded (same torch thread count), square matmuls of
 ``roofline_sizes`` (1024, 2048, 4096; 1024 and 2048 under ``--quick``) are timed in bf16 and fp32: one
@@ -85,7 +85,6 @@ import json
 import logging
 import os
 import pickle
-import platform
 import re
 import statistics
 import subprocess
@@ -97,6 +96,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from eval.common import SuiteError, check_opts, get_opt, machine_info, require_data, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -112,9 +113,8 @@ QUICK_TARGET_TOKENS = 500
 DEFAULT_EARLY_LAYERS = (0, 23)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.yaml"
-# Registered by rerank.baselines (written separately); looked up by name at run time.
+# Registered in rerank.reranker.PROBE_ENGINES by rerank.baselines; looked up by name at run time.
 BASELINES = ("icr-reference", "listwise", "pointwise")
-BASELINES_MODULE = "rerank.baselines"
 FULL_BASELINE_LENGTHS = (20, 100)
 # The slow baselines warm up on this many passages, not on the measured list (that would double their cost).
 BASELINE_WARMUP_PASSAGES = 2
@@ -125,44 +125,6 @@ QUICK_ROOFLINE_REPEATS = 3
 # Larger matmuls are skipped once one call takes this long (bf16 without native support is very slow).
 ROOFLINE_MAX_CALL_S = 2.0
 MB = 2**20
-
-try:  # The shared helpers, when the eval package has them; private equivalents otherwise.
-    from eval.common import SuiteError, check_opts, get_opt, machine_info, require_data, write_json
-except ImportError:  # pragma: no cover - only while eval/common.py is being written
-    SuiteError = ValueError  # type: ignore[misc,assignment]
-
-    def check_opts(opts: Any, known: Any) -> None:  # type: ignore[misc]
-        unknown = sorted(set(opts) - set(known))
-        if unknown:
-            raise ValueError(f"unknown --opt {', '.join(unknown)}; this suite knows: {', '.join(known)}")
-
-    def get_opt(opts: Any, key: str, default: Any) -> Any:  # type: ignore[misc]
-        if key not in opts:
-            return default
-        if isinstance(default, bool):
-            return opts[key].lower() in {"1", "true", "yes"}
-        if isinstance(default, tuple):
-            return tuple(float(x) for x in opts[key].split(","))
-        return type(default)(opts[key])
-
-    def machine_info() -> dict[str, Any]:  # type: ignore[misc]
-        return {
-            "cores_logical": os.cpu_count(),
-            "os": platform.platform(),
-            "python": platform.python_version(),
-        }
-
-    def require_data(data_dir: Path, dataset: str) -> Path:  # type: ignore[misc]
-        path = Path(data_dir) / dataset
-        if not path.exists():
-            raise FileNotFoundError(f"dataset {dataset!r} not found in {data_dir}")
-        return path
-
-    def write_json(path: str | Path, data: Any) -> Path:  # type: ignore[misc]
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-        return path
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -433,17 +395,6 @@ class Runner:
         self.probe_all.run_prompt(prompt, na_prompt)
 
 
-def _import_baselines() -> str | None:
-    """Import the module that registers the baselines; returns why it could not be imported, or None."""
-    import importlib
-
-    try:
-        importlib.import_module(BASELINES_MODULE)
-    except ImportError as exc:
-        return f"{BASELINES_MODULE} is not importable ({exc})"
-    return None
-
-
 @dataclass(frozen=True)
 class RerankSpec:
     """How to build one reranker-level system, in this process or in the memory worker (picklable).
@@ -514,7 +465,7 @@ def _memory_worker(jobs_file: Path, out_file: Path) -> None:
         spec = pickle.load(fh)
     specs: dict[str, RerankSpec] = spec["specs"]
     if any(s.engine != "attention" for s in specs.values()):
-        _import_baselines()  # the parent checked that every engine in ``specs`` is registered
+        import rerank.baselines  # noqa: F401  (registers the engines the parent checked)
     loaded = load_model(ModelConfig(threads=spec["threads"] or None))
     runner = Runner(loaded, DEFAULT_EARLY_LAYERS)
     rerankers = RerankSystems(loaded, specs)
@@ -660,28 +611,21 @@ def _default_specs(sweep_tokens: int) -> tuple[RerankSpec, Any]:
     return spec, cfg.probe.model_copy(update={"passage_max_tokens": sweep_tokens})
 
 
-def _baseline_specs(names: Sequence[str], probe_cfg: Any) -> tuple[dict[str, RerankSpec], dict[str, str]]:
-    """Specs of the baselines that can run here, and the reason for each one that cannot.
+def _baseline_specs(names: Sequence[str], probe_cfg: Any) -> dict[str, RerankSpec]:
+    """Specs of the named baselines.
 
-    A name already registered without ``rerank.baselines`` (``identity``, ``attention``) still runs when
-    that module is missing, so the suite's baseline path can be exercised on its own.
+    Raises:
+        SuiteError: A name that is not a registered probe engine; the message lists those that are.
     """
-    if not names:
-        return {}, {}
+    import rerank.baselines  # noqa: F401  (registers the baselines)
     from rerank.reranker import PROBE_ENGINES
 
-    why = _import_baselines()
-    specs, skipped = {}, {}
-    for name in names:
-        if name in PROBE_ENGINES:
-            specs[name] = RerankSpec(name, name, probe_cfg)
-        else:
-            skipped[name] = why or (
-                f"no probe engine {name!r} is registered; registered: {', '.join(PROBE_ENGINES)}"
-            )
-    if skipped:
-        logger.warning("skipping %s: %s", ", ".join(skipped), "; ".join(dict.fromkeys(skipped.values())))
-    return specs, skipped
+    unknown = [n for n in names if n not in PROBE_ENGINES]
+    if unknown:
+        raise SuiteError(
+            f"unknown baselines {', '.join(unknown)}; registered engines: {', '.join(PROBE_ENGINES)}"
+        )
+    return {name: RerankSpec(name, name, probe_cfg) for name in names}
 
 
 def _time_baselines(
@@ -781,6 +725,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"baseline_lengths {stray} are not among lengths {list(lengths)}; add them to --opt lengths"
         )
 
+    default_spec, baseline_probe = _default_specs(sweep_tokens)
+    baseline_specs = _baseline_specs(baseline_names, baseline_probe)
     qid, query, passages = _load_dl19(Path(args.data_dir))
     if max(lengths) > len(passages):
         raise SuiteError(f"lengths up to {max(lengths)} but the query has {len(passages)} passages")
@@ -790,8 +736,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     tok = loaded.tokenizer
     early, early_src = _early_layers(loaded.num_layers)
     runner = Runner(loaded, early)
-    default_spec, baseline_probe = _default_specs(sweep_tokens)
-    baseline_specs, skipped_systems = _baseline_specs(baseline_names, baseline_probe)
     specs = {default_spec.name: default_spec, **baseline_specs}
     rerankers = RerankSystems(loaded, specs)
 
@@ -955,7 +899,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "baseline_repeats": baseline_repeats,
         "baseline_warmup": f"one call on the first {BASELINE_WARMUP_PASSAGES} passages",
         "baseline_probe_config": baseline_probe.model_dump(mode="json"),
-        "skipped_systems": skipped_systems,
         **matmul,
         "matmul_roofline": {
             "sizes": list(roof_sizes),
