@@ -161,7 +161,7 @@ def _position_recompute(
     systems: dict[str, dict[str, Any]], parts: list[dict[str, Any]]
 ) -> dict[str, Any] | None:
     """Recompute what is not a mean over questions; returns the merged ``per_question`` (or None)."""
-    from eval.position import BINS, N, summarize
+    from eval.position import BINS, NULL_KEYS, N, summarize
 
     kept = [p.get("per_question") for p in parts]
     if all(kept):
@@ -177,7 +177,7 @@ def _position_recompute(
         for out in systems.values():
             bins = [out[f"recall@1@bin{b + 1}"] for b in range(BINS)]
             out["bin_spread"] = round(max(bins) - min(bins), 4)
-            for key in ("bin_spread_null_median", "bin_spread_null_p95", "bin_spread_p"):
+            for key in NULL_KEYS:
                 out.pop(key, None)
     raw, curve = systems.get("probe-raw", {}), systems.get("probe-curve", {})
     if raw.get("seconds_per_query") and "time_ratio_vs_raw" in curve:

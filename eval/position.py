@@ -75,6 +75,7 @@ CV_FOLDS = 5
 MIN_CV_QUESTIONS = 3
 # Shuffles for the position-blind null of the bin spread (see spread_null).
 NULL_TRIALS = 2000
+NULL_KEYS = ("bin_spread_null_median", "bin_spread_null_p95", "bin_spread_p")
 SWEEP_LAST = 23
 CV_KINDS = ("raw", "nacal", "ratio", "logratio")
 CV_BANDS: tuple[tuple[int, int], ...] = ((0, 23), (5, 23), (8, 16), (12, 19), (12, 23), (16, 23))
@@ -125,11 +126,12 @@ def spread_null(
         perm = rng.permuted(np.broadcast_to(hits, (t, *hits.shape)), axis=2)
         bins = perm.reshape(t, q, BINS, N // BINS).mean(axis=(1, 3))
         null[t0 : t0 + t] = bins.max(axis=1) - bins.min(axis=1)
-    return {
-        "bin_spread_null_median": round(float(np.median(null)), 4),
-        "bin_spread_null_p95": round(float(np.percentile(null, 95)), 4),
-        "bin_spread_p": round(float(((null >= observed - 1e-12).sum() + 1) / (trials + 1)), 4),
-    }
+    figures = (
+        np.median(null),
+        np.percentile(null, 95),
+        ((null >= observed - 1e-12).sum() + 1) / (trials + 1),
+    )
+    return {k: round(float(v), 4) for k, v in zip(NULL_KEYS, figures, strict=True)}
 
 
 def gold_rank(scores: np.ndarray, gold: int) -> int:
