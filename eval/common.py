@@ -15,11 +15,12 @@ import json
 import logging
 import os
 import platform
+import random
 import re
 import resource
 import sys
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -328,3 +329,26 @@ def per_query_metric(
     for r in ir_measures.iter_calc([parsed], {q: dict(qrels[q]) for q in judged}, full_run):
         out[r.query_id] = float(r.value)
     return out
+
+
+def quick_corpus(
+    corpus: Sequence[Any],
+    qids: Sequence[str],
+    qrels: Mapping[str, Mapping[str, int]],
+    distractors: int,
+    seed: int,
+) -> tuple[list[Any], str]:
+    """A reduced corpus for smoke runs: every passage judged for ``qids`` plus ``distractors`` others.
+
+    The others are drawn with ``seed`` from the unjudged passages. Returns the passages (corpus order)
+    and a note saying its figures are not comparable with the full corpus's.
+    """
+    judged = {d for q in qids for d in qrels[q]}
+    others = sorted(p.id for p in corpus if p.id not in judged)
+    keep = judged | set(random.Random(seed).sample(others, min(distractors, len(others))))
+    kept = [p for p in corpus if p.id in keep]
+    note = (
+        f"QUICK SUBSET: {len(kept)} abstracts = the {len(judged & keep)} judged for the {len(qids)} "
+        f"queries + {distractors} random others (seed {seed}); not comparable with full-corpus figures"
+    )
+    return kept, note

@@ -7,12 +7,18 @@ fusion weight ``w`` are chosen by 5-fold cross-validation on SciFact. The result
 configs/heads.yaml ships (the default until the position sweep chose a layer band with the bias curve;
 see docs/method.md); DL19 (the reported figure) plays no part in the choice.
 
-The same lists also choose the fusion weight of the default configuration's score (its kind, layer
-band and bias curve, see ``configs/default.yaml``): systems ``default-w<W>`` for each weight of
-``DEFAULT_WEIGHTS``, and ``choice.default_first_stage_weight``.
+The fusion weight of the default configuration's score (its kind, layer band and bias curve, see
+``configs/default.yaml``) is chosen on SciFact too, for each first stage: systems ``default-w<W>`` on
+BM25's top-20 and ``default-w<W>-hybrid`` on the top-20 of the pipeline's hybrid retriever (BM25 and
+the dense encoder, fused as the configuration says), each fused with its own first stage's score, for
+each weight of ``DEFAULT_WEIGHTS``, beside the first stages alone (``bm25``, ``hybrid``).
+``choice.default_first_stage_weight`` is the weight for the configuration's own retriever.
 
 Options (``--opt``): ``queries=N`` (default 150; quick 12), ``config=PATH`` (default
-configs/default.yaml), ``passage_max_tokens=N`` (default 120; quick 32).
+configs/default.yaml), ``passage_max_tokens=N`` (default 120; quick 32), ``first_stages=bm25,hybrid``
+(default both; ``bm25`` alone skips encoding the corpus). ``--quick`` retrieves the hybrid's
+candidates from a smoke-test subset of the corpus: the abstracts judged for the queries and
+``QUICK_DISTRACTORS`` others.
 """
 
 from __future__ import annotations
@@ -24,13 +30,14 @@ from typing import Any
 
 import numpy as np
 
-from eval.common import REPO_ROOT, check_opts, get_opt, passage_tokens, per_query_metric
+from eval.common import REPO_ROOT, SuiteError, check_opts, get_opt, passage_tokens, per_query_metric
 from rerank.reranker import fuse_first_stage
 from rerank.scoring import PassageStats, passage_scores, zscore
 
 KS = (1, 2, 4, 8, 16, 32)
 WEIGHTS = (0.0, 0.5, 1.0, 2.0)
-DEFAULT_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 4.0)
+DEFAULT_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)
+QUICK_DISTRACTORS = 200
 
 
 def _ndcg_per_query(qrels: dict, queries: list[dict[str, Any]], scores: dict[str, np.ndarray]) -> np.ndarray:
@@ -60,7 +67,7 @@ def head_merit(
 
 def fused(q: dict[str, Any], st: PassageStats, head_set: Sequence[tuple[int, int]], w: float) -> np.ndarray:
     s = zscore(passage_scores(st, kind="logratio", head_set=head_set)[::-1])
-    return fuse_first_stage(s, np.asarray(q["bm25"][: len(s)]), w) if w else s
+    return fuse_first_stage(s, np.asarray(q["first_stage"][: len(s)]), w) if w else s
 
 
 def choose(
@@ -98,49 +105,83 @@ def choose(
     }
 
 
+def default_scores(
+    queries: list[dict[str, Any]], stats: dict[str, PassageStats], rr: Any, settings: Any
+) -> dict[str, np.ndarray]:
+    """The default configuration's z-scored score per query, in first-stage order, from the passes."""
+    base = {}
+    for q in queries:
+        st = stats[f"{q['qid']}:0"]
+        _, s = rr.calibrator(st, range(st.num_passages), settings, rr.curve)
+        base[q["qid"]] = zscore(s[::-1])
+    return base
+
+
 def run(args: Namespace) -> dict[str, Any]:
-    from eval.scifact_stats import MAX_TOKENS, collect_scifact
+    from eval.scifact_stats import FIRST_STAGES, MAX_TOKENS, collect_scifact
     from rerank.calibrators import ScoreSettings
     from rerank.config import load_config
     from rerank.model import load_model
     from rerank.reranker import AttentionReranker
 
     opts = getattr(args, "opts", {}) or {}
-    check_opts(opts, ["queries", "config", "passage_max_tokens"])
+    check_opts(opts, ["queries", "config", "passage_max_tokens", "first_stages"])
     n = int(get_opt(opts, "queries", 12 if args.quick else 150))
     cap = passage_tokens(opts, args.quick, MAX_TOKENS)
     cfg = load_config(Path(get_opt(opts, "config", str(REPO_ROOT / "configs" / "default.yaml"))))
+    stages = [x.strip() for x in str(get_opt(opts, "first_stages", ",".join(FIRST_STAGES))).split(",") if x]
+    unknown = [x for x in stages if x not in FIRST_STAGES]
+    if unknown or "bm25" not in stages:
+        raise SuiteError(
+            f"--opt first_stages={','.join(stages)}: give bm25 (the head choice reads it) and optionally "
+            f"hybrid; known: {', '.join(FIRST_STAGES)}"
+        )
     model = load_model()
     queries, qrels, stats = collect_scifact(model, args.data_dir, n, cap)
     res = choose(queries, qrels, stats)
-    bm25 = _ndcg_per_query(qrels, queries, {q["qid"]: np.asarray(q["bm25"]) for q in queries}).mean()
     best_single = int(np.argmax(res["head_merit"]))
     systems = {
-        "bm25": {"ndcg@10": round(float(bm25), 4)},
+        "bm25": {"ndcg@10": _first_stage_ndcg(qrels, queries)},
         "probe-heads-cv": {"ndcg@10": round(res["cv_ndcg@10"][(res["k"], res["w"])], 4)},
         "best-single-head": {"ndcg@10": round(float(res["head_merit"][best_single]), 4)},
     }
-    # The default configuration's score, read from the same passes (prompt order is reversed BM25 order).
+    # The default configuration's score, read from passes over each first stage's top-20 (prompt order
+    # is reversed first-stage order), fused with that first stage's score at each weight.
     rr = AttentionReranker(model, cfg.probe, cfg.calibration)
     settings = ScoreSettings.of(cfg.probe)
     kind = settings.kind(rr.calibrator.score_kind)
-    base = {}
-    for q in queries:
-        st = stats[f"{q['qid']}:0"]
-        _, s = rr.calibrator(st, range(st.num_passages), settings, rr.curve)
-        base[q["qid"]] = zscore(s[::-1])
-    per_w = {}
-    for w in DEFAULT_WEIGHTS:
-        scores = {q["qid"]: fuse_first_stage(base[q["qid"]], np.asarray(q["bm25"]), w) for q in queries}
-        per_w[w] = float(_ndcg_per_query(qrels, queries, scores).mean())
-        systems[f"default-w{w:g}"] = {"ndcg@10": round(per_w[w], 4)}
+    chosen_w = {}
+    for stage in stages:
+        if stage == "bm25":
+            qs, st = queries, stats
+        else:
+            # Quick runs search a small corpus: encoding all 5,183 abstracts takes minutes on a CPU.
+            qs, _, st = collect_scifact(
+                model, args.data_dir, n, cap, stage, cfg.retriever, QUICK_DISTRACTORS if args.quick else None
+            )
+            systems[stage] = {"ndcg@10": _first_stage_ndcg(qrels, qs)}
+        base = default_scores(qs, st, rr, settings)
+        per_w = {}
+        for w in DEFAULT_WEIGHTS:
+            scores = {q["qid"]: fuse_first_stage(base[q["qid"]], np.asarray(q["first_stage"]), w) for q in qs}
+            per_w[w] = _mean_ndcg(qrels, qs, scores)
+            systems[f"default-w{w:g}" + ("" if stage == "bm25" else f"-{stage}")] = {"ndcg@10": per_w[w]}
+        chosen_w[stage] = max(DEFAULT_WEIGHTS, key=lambda w, p=per_w: (p[w], -w))
     return {
-        "dataset": f"beir-scifact test queries with judgements, first {len(queries)}, BM25 top-20",
+        "dataset": f"beir-scifact test queries with judgements, first {len(queries)}, top-20 of "
+        + " and of ".join(stages)
+        + (
+            f" (hybrid: QUICK SUBSET of the corpus, the judged abstracts and {QUICK_DISTRACTORS} others)"
+            if args.quick and "hybrid" in stages
+            else ""
+        ),
         "config": {
             "model": model.model_id,
             "dtype": model.dtype,
             "kind": "logratio",
             "passage_max_tokens": cap,
+            "first_stages": stages,
+            "retriever": cfg.retriever.model_dump(mode="json"),
         },
         "systems": systems,
         "choice": {
@@ -149,7 +190,17 @@ def run(args: Namespace) -> dict[str, Any]:
             "first_stage_weight": res["w"],
             "cv_grid": {f"k{k}-w{w:g}": round(v, 4) for (k, w), v in res["cv_ndcg@10"].items()},
             "best_single_head": list(res["heads"][best_single]),
-            "default_first_stage_weight": max(DEFAULT_WEIGHTS, key=lambda w: (per_w[w], -w)),
+            # The weight for the first stage the configuration's pipeline uses, when it was measured.
+            "default_first_stage_weight": chosen_w.get(cfg.retriever.name, chosen_w["bm25"]),
+            "default_first_stage_weight_by_first_stage": chosen_w,
             "default_score": {"kind": kind, "layers": cfg.probe.layers, "curve": cfg.calibration.curve},
         },
     }
+
+
+def _first_stage_ndcg(qrels: dict, queries: list[dict[str, Any]]) -> float:
+    return _mean_ndcg(qrels, queries, {q["qid"]: np.asarray(q["first_stage"]) for q in queries})
+
+
+def _mean_ndcg(qrels: dict, queries: list[dict[str, Any]], scores: dict[str, np.ndarray]) -> float:
+    return round(float(_ndcg_per_query(qrels, queries, scores).mean()), 4)

@@ -198,7 +198,7 @@ def run(args: Namespace) -> dict[str, Any]:
             parts.append(f"\n![{metric}](img/{p.name})\n")
         key = {
             "retrieval": ["ndcg@10", "recall@100", "seconds_per_query"],
-            "rerank": ["ndcg@10", "mrr@10", "seconds_per_query", "p_vs_bm25"],
+            "rerank": ["ndcg@10", "mrr@10", "seconds_per_query", "p_vs_bm25", "p_vs_hybrid"],
             "position": [
                 "recall@1",
                 "bin_spread",

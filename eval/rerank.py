@@ -15,7 +15,18 @@ Baselines (``rerank/baselines.py``, run end to end on the same BM25 candidates, 
 20), ``listwise`` (RankGPT-style generation, windows of 20 sliding by 10 from the bottom), ``pointwise``
 (P(Yes) per passage), ``identity`` (BM25 order) and ``shuffle`` (seeded random order). Nothing is cached.
 
-Options (``--opt``): ``depths=20,100`` candidate depths; ``queries=N`` limit (quick 5);
+The shipped pipeline's first stage is the hybrid retriever, not BM25 alone. DL19 ships BM25's top-100
+rather than the collection, so ``hybrid`` here is the configured retriever's dense half ranking those
+candidates, fused with BM25's ranking by the configured fusion (:func:`hybrid_pool`). On it the suite
+reruns, at the configuration's ``top_k``, the control and the probe (``position-prior``, ``probe-raw``,
+``probe-nacal``, ``probe-default-alone``: the default's score without fusion, and ``probe-default``,
+end to end with the hybrid's scores), each named ``...-hybrid`` and compared with ``hybrid`` itself
+(``p_vs_hybrid``) as well as with BM25: a probe figure on this first stage means something only where
+it beats the first stage.
+
+Options (``--opt``): ``first_stages=bm25,hybrid`` whose candidates the probe reranks (default both;
+``hybrid`` alone skips the BM25 depth sweep and the baselines); ``depths=20,100`` candidate depths;
+``queries=N`` limit (quick 5);
 ``baselines=a,b`` which baselines (default all; ``none`` for none); ``baseline_depths=20,100``;
 ``baseline_queries=N`` runs the baselines on the first N queries only (default all; 1 with ``--quick``:
 icr-reference's two eager forwards take 35-60 s per window of 20 on a busy 2-core CPU). In quick mode
@@ -54,6 +65,7 @@ from rerank.scoring import PassageStats, passage_scores, zscore
 WINDOW = 20
 METRICS = ("ndcg@10", "mrr@10")
 BASELINES = ("icr-reference", "listwise", "pointwise", "identity", "shuffle")
+FIRST_STAGES = ("bm25", "hybrid")
 QUICK_BASELINE_QUERIES = 1
 # Per-query counters from RankedList.info that a baseline's system entry sums over the queries.
 BASELINE_COUNTERS = {
@@ -96,15 +108,52 @@ def load_dl19(data_dir: Path) -> tuple[list[dict[str, Any]], dict[str, dict[str,
     queries = []
     for e in runs:
         hits = e["hits"]
+        bm25 = [float(h["score"]) for h in hits]
         queries.append(
             {
                 "qid": str(hits[0]["qid"]),
                 "query": e["query"],
                 "passages": [Passage(id=str(h["docid"]), text=h["content"]) for h in hits],
-                "bm25": [float(h["score"]) for h in hits],
+                "bm25": bm25,
+                "first_stage": bm25,
             }
         )
     return queries, qrels
+
+
+def hybrid_pool(queries: list[dict[str, Any]], retriever: Any) -> list[dict[str, Any]]:
+    """The pipeline's hybrid first stage over each query's BM25 candidates.
+
+    DL19 ships BM25's top-100, not the 8.8M-passage collection, so the dense half cannot search the
+    collection: the configured retriever's dense half indexes each query's candidates and ranks them,
+    and its fusion merges that ranking with DL19's BM25 ranking (``retriever.fusion``, ``rrf_k``,
+    ``weights``). Returns copies of the queries with the candidates in fused order and the fused
+    score as ``first_stage``.
+    """
+    from tqdm.auto import tqdm
+
+    from retrievers.hybrid import HybridRetriever
+    from retrievers.records import Hit
+
+    hybrid = HybridRetriever.from_config(retriever)
+    out = []
+    for q in tqdm(queries, desc="dense scores", unit="q"):
+        ps = q["passages"]
+        order = sorted(range(len(ps)), key=lambda i: -q["bm25"][i])
+        sparse = [Hit(passage=ps[i], score=q["bm25"][i], rank=r) for r, i in enumerate(order, 1)]
+        hybrid.dense.index(ps, show_progress=False)
+        dense = hybrid.dense.search_batch([q["query"]], k=len(ps))[0]
+        fused = hybrid.fuse(sparse, dense, len(ps))
+        bm25 = {p.id: s for p, s in zip(ps, q["bm25"], strict=True)}
+        out.append(
+            {
+                **q,
+                "passages": [h.passage for h in fused],
+                "bm25": [bm25[h.passage.id] for h in fused],
+                "first_stage": [h.score for h in fused],
+            }
+        )
+    return out
 
 
 def window_jobs(queries: list[dict[str, Any]], depth: int) -> list[Any]:
@@ -140,7 +189,7 @@ def fused_scores(
             parts.append(_window_scores(stats[f"{q['qid']}:{w}"], v))
     s = np.concatenate(parts)
     w_bm25 = 0.0 if v is None else v.bm25_weight
-    return fuse_first_stage(s, np.asarray(q["bm25"][:n]), w_bm25) if w_bm25 else s
+    return fuse_first_stage(s, np.asarray(q["first_stage"][:n]), w_bm25) if w_bm25 else s
 
 
 def to_run(queries: list[dict[str, Any]], scores: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
@@ -180,7 +229,7 @@ def head_set_scores(
         for s in range(0, n, WINDOW)
     ]
     out = np.concatenate(parts)
-    return fuse_first_stage(out, np.asarray(q["bm25"][:n]), w) if w else out
+    return fuse_first_stage(out, np.asarray(q["first_stage"][:n]), w) if w else out
 
 
 def paired_randomization(
@@ -192,6 +241,16 @@ def paired_randomization(
     obs = abs(d.mean())
     flips = rng.choice([-1.0, 1.0], size=(trials, len(d)))
     return float(((np.abs((flips * d).mean(axis=1)) >= obs - 1e-12).sum() + 1) / (trials + 1))
+
+
+def parse_first_stages(opts: dict[str, str]) -> list[str]:
+    """``--opt first_stages=bm25,hybrid``: whose candidates and scores the probe reranks (default both)."""
+    raw = str(get_opt(opts, "first_stages", ",".join(FIRST_STAGES)))
+    stages = list(dict.fromkeys(x.strip() for x in raw.split(",") if x.strip()))
+    unknown = [x for x in stages if x not in FIRST_STAGES]
+    if unknown or not stages:
+        raise SuiteError(f"--opt first_stages={raw!r}: choose one or more of {', '.join(FIRST_STAGES)}")
+    return stages
 
 
 def parse_baselines(opts: dict[str, str], quick: bool) -> tuple[list[str], list[int], int]:
@@ -277,7 +336,7 @@ def run_baseline(
     seconds: list[float] = []
     counters = dict.fromkeys(BASELINE_COUNTERS.get(name, ()), 0)
     for q in tqdm(queries, desc=f"{name}@{depth}", unit="q"):
-        ps, bm = q["passages"][:depth], q["bm25"][:depth]
+        ps, bm = q["passages"][:depth], q["first_stage"][:depth]
         hits = [Hit(passage=p, score=s, rank=i + 1) for i, (p, s) in enumerate(zip(ps, bm, strict=True))]
         t0 = time.perf_counter()
         ranked = rr.rerank(q["query"], hits)
@@ -287,6 +346,28 @@ def run_baseline(
         for k in counters:
             counters[k] += int(ranked.info[k])
     return scores, seconds, counters
+
+
+def run_default(rr: Any, queries: list[dict[str, Any]], depth: int) -> tuple[dict[str, np.ndarray], float]:
+    """Rerank each query's first-stage top ``depth`` with ``rr``, given the first stage's scores.
+
+    Returns scores in first-stage order per query and the mean wall seconds per query.
+    """
+    from rerank.records import Hit
+
+    scores, t = {}, []
+    for q in queries:
+        ps = q["passages"][:depth]
+        hits = [
+            Hit(passage=p, score=s, rank=i + 1)
+            for i, (p, s) in enumerate(zip(ps, q["first_stage"][:depth], strict=True))
+        ]
+        t0 = time.perf_counter()
+        ranked = rr.rerank(q["query"], hits)
+        t.append(time.perf_counter() - t0)
+        by_id = {it.passage.id: it.score for it in ranked.items}
+        scores[q["qid"]] = np.array([by_id[p.id] for p in ps])
+    return scores, float(np.mean(t))
 
 
 def run(args: Namespace) -> dict[str, Any]:
@@ -307,14 +388,21 @@ def run(args: Namespace) -> dict[str, Any]:
             "baseline_queries",
             "baselines_from",
             "passage_max_tokens",
+            "first_stages",
         ],
     )
+    stages = parse_first_stages(opts)
     baselines, baseline_depths, baseline_limit = parse_baselines(opts, args.quick)
-    depths = [int(x) for x in str(get_opt(opts, "depths", "20,100")).split(",")]
+    if "bm25" not in stages:
+        # The baselines and the depth sweep rerank BM25's candidates.
+        baselines, depths_opt = [], "none"
+    else:
+        depths_opt = str(get_opt(opts, "depths", "20,100"))
+    depths = [] if depths_opt == "none" else [int(x) for x in depths_opt.split(",")]
     queries, qrels = load_dl19(args.data_dir)
     limit = int(get_opt(opts, "queries", 0)) or (5 if args.quick else len(queries))
     queries = [q for q in queries if q["qid"] in qrels][:limit]
-    if args.quick:
+    if args.quick and depths:
         depths = [20]
     config_path = Path(get_opt(opts, "config", str(REPO_ROOT / "configs" / "default.yaml")))
     # Every system, the baselines included, reads the passages with the same budget.
@@ -323,7 +411,7 @@ def run(args: Namespace) -> dict[str, Any]:
     model = load_model(cfg.model)
     stats, seconds = collect(
         model,
-        window_jobs(queries, max(depths)),
+        window_jobs(queries, max(depths, default=0)),
         cache_dir=REPO_ROOT / "results" / "cache" / "dl19",
         max_passage_tokens=cap,
         desc="dl19",
@@ -394,24 +482,50 @@ def run(args: Namespace) -> dict[str, Any]:
                     cv_run[q["qid"]] = runs[best_v][q["qid"]]
             chosen.append(f"heads k={pick['k']} w={pick['w']:g}" if heads_score > best_grid else best_v.name)
         add("probe-cv" + sfx, cv_run, sec, chosen_per_fold=chosen)
-    # The shipped default, run end to end (its own windows, early exit and timing).
-    from rerank.records import Hit
+    # The shipped default, run end to end (its own windows, early exit and timing), and its score
+    # without the first stage's, read from the suite's passes.
+    from eval.heads import default_scores
+    from rerank.calibrators import ScoreSettings
     from rerank.reranker import AttentionReranker
 
     rr = AttentionReranker(model, cfg.probe, cfg.calibration)
     depth = cfg.retriever.top_k
-    scores, t = {}, []
-    for q in queries:
-        hits = [
-            Hit(passage=p, score=s, rank=i + 1)
-            for i, (p, s) in enumerate(zip(q["passages"][:depth], q["bm25"][:depth], strict=True))
-        ]
-        t0 = time.perf_counter()
-        ranked = rr.rerank(q["query"], hits)
-        t.append(time.perf_counter() - t0)
-        by_id = {it.passage.id: it.score for it in ranked.items}
-        scores[q["qid"]] = np.array([by_id[p.id] for p in q["passages"][:depth]])
-    add(f"probe-default@{depth}", to_run(queries, scores), float(np.mean(t)))
+    if "bm25" in stages:
+        scores, sec = run_default(rr, queries, depth)
+        add(f"probe-default@{depth}", to_run(queries, scores), sec)
+        if depth == WINDOW and depth in depths:
+            own = default_scores(queries, stats, rr, ScoreSettings.of(cfg.probe))
+            add(f"probe-default-alone@{depth}", to_run(queries, own), sec)
+    if "hybrid" in stages:
+        # The pipeline's own first stage; each system is compared with it as well as with BM25.
+        h_queries = hybrid_pool(queries, cfg.retriever)
+        add("hybrid", to_run(h_queries, {q["qid"]: np.asarray(q["first_stage"]) for q in h_queries}), 0.0)
+        h_stats, h_seconds = collect(
+            model,
+            window_jobs(h_queries, depth),
+            cache_dir=REPO_ROOT / "results" / "cache" / "dl19",
+            max_passage_tokens=cap,
+            desc="dl19/hybrid",
+        )
+        h_sec = float(
+            np.mean([sum(h_seconds[k] for k in h_seconds if k.startswith(f"{q['qid']}:")) for q in queries])
+        )
+        sfx = f"@{depth}-hybrid"
+
+        def h_run(fn: Any) -> dict[str, dict[str, float]]:
+            return to_run(h_queries, {q["qid"]: fn(q) for q in h_queries})
+
+        add("position-prior" + sfx, h_run(lambda q: fused_scores(q, depth, h_stats, None)), 0.0)
+        for name, v in (
+            ("probe-raw", Variant("raw", None, "mean", 0.0)),
+            ("probe-nacal", Variant("nacal", None, "mean", 0.0)),
+        ):
+            add(name + sfx, h_run(lambda q, v=v: fused_scores(q, depth, h_stats, v)), h_sec)
+        if depth == WINDOW:
+            own = default_scores(h_queries, h_stats, rr, ScoreSettings.of(cfg.probe))
+            add("probe-default-alone" + sfx, to_run(h_queries, own), h_sec)
+        scores, sec = run_default(rr, h_queries, depth)
+        add("probe-default" + sfx, to_run(h_queries, scores), sec)
     # Baselines, end to end on the same candidates (windows of 20, best BM25 passage last in ICR prompts).
     from rerank.config import ProbeConfig
 
@@ -436,6 +550,8 @@ def run(args: Namespace) -> dict[str, Any]:
     for name in systems:
         if name != "bm25" and name not in reused:
             systems[name]["p_vs_bm25"] = round(paired_randomization(per_q[name], per_q["bm25"]), 4)
+        if name.endswith("-hybrid"):
+            systems[name]["p_vs_hybrid"] = round(paired_randomization(per_q[name], per_q["hybrid"]), 4)
     return {
         "dataset": "trec-dl19 (BM25 top-100, 43 judged queries)"
         if not args.quick
@@ -446,6 +562,11 @@ def run(args: Namespace) -> dict[str, Any]:
             "window": WINDOW,
             "prompt_order": "best-last (BM25 rank 1 next to the query)",
             "depths": depths,
+            "first_stages": stages,
+            "hybrid": "the configured retriever's encoder scores BM25's top-100 and its fusion merges the "
+            "two rankings (the collection itself is not searched)"
+            if "hybrid" in stages
+            else None,
             "queries": len(queries),
             "passage_max_tokens": cap,
             "default_config": cfg.model_dump(mode="json"),

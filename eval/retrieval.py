@@ -20,11 +20,10 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
-import random
 import time
 from typing import Any
 
-from eval.common import RssPeak, check_opts, get_opt, ir_metrics, require_data
+from eval.common import RssPeak, check_opts, get_opt, ir_metrics, quick_corpus, require_data
 from retrievers.config import RetrieverConfig
 from retrievers.corpus import load_corpus, load_qrels, load_queries
 from retrievers.records import Hit, Passage
@@ -103,14 +102,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         n_distract = get_opt(opts, "distractors", 200)
         seed = get_opt(opts, "seed", 0)
         qids = qids[:n_q]
-        judged = {d for q in qids for d in qrels[q]}
-        others = sorted(p.id for p in corpus if p.id not in judged)
-        keep = judged | set(random.Random(seed).sample(others, min(n_distract, len(others))))
-        corpus = [p for p in corpus if p.id in keep]
-        corpus_note = (
-            f"QUICK SUBSET: {len(corpus)} abstracts = the {len(judged & keep)} judged for the {len(qids)} "
-            f"queries + {n_distract} random others (seed {seed}); not comparable with full-corpus figures"
-        )
+        corpus, corpus_note = quick_corpus(corpus, qids, qrels, n_distract, seed)
     texts = [queries[q] for q in qids]
     logger.info("SciFact: %d queries, %d passages", len(qids), len(corpus))
 

@@ -14,6 +14,7 @@ import pytest
 
 from eval.__main__ import main
 from eval.common import QUICK_PASSAGE_TOKENS
+from eval.heads import DEFAULT_WEIGHTS
 from eval.merge import merge_parts
 from eval.position import FUSED
 
@@ -59,6 +60,23 @@ def test_rerank_suite(data_dir: Path, tmp_path: Path) -> None:
     assert r["config"]["default_config"]["probe"]["passage_max_tokens"] == QUICK_PASSAGE_TOKENS
     # The position-prior control in best-last windows of BM25 order is BM25's own order at depth 20.
     assert sys_["position-prior@20"]["ndcg@10"] == pytest.approx(sys_["bm25"]["ndcg@10"])
+    # The same systems on the pipeline's hybrid first stage, each also compared with that first stage.
+    assert r["config"]["first_stages"] == ["bm25", "hybrid"]
+    for name in (
+        "hybrid",
+        "position-prior@20-hybrid",
+        "probe-raw@20-hybrid",
+        "probe-nacal@20-hybrid",
+        "probe-default-alone@20-hybrid",
+        "probe-default@20-hybrid",
+        "probe-default-alone@20",
+    ):
+        assert name in sys_, name
+        assert (name == "hybrid") or 0.0 <= sys_[name][
+            "p_vs_hybrid" if "hybrid" in name else "p_vs_bm25"
+        ] <= 1.0
+    assert sys_["position-prior@20-hybrid"]["ndcg@10"] == pytest.approx(sys_["hybrid"]["ndcg@10"])
+    assert sys_["position-prior@20-hybrid"]["p_vs_hybrid"] == 1.0
     # Baselines run on a query subset in quick mode; identity is BM25's order on those queries.
     for name in ("icr-reference@20", "listwise@20", "pointwise@20", "identity@20", "shuffle@20"):
         s = sys_[name]
@@ -194,6 +212,20 @@ def test_heads_suite(data_dir: Path, tmp_path: Path) -> None:
     choice = r["choice"]
     assert 1 <= len(choice["head_set"]) == choice["k"]
     assert all(0 <= layer < 30 and 0 <= head < 9 for layer, head in choice["head_set"])
+    # The default's fusion weight is chosen for each first stage, on that stage's own top-20.
+    weights = choice["default_first_stage_weight_by_first_stage"]
+    assert set(weights) == {"bm25", "hybrid"} and choice["default_first_stage_weight"] == weights["hybrid"]
+    for stage, sfx in (("bm25", ""), ("hybrid", "-hybrid")):
+        figures = {w: r["systems"][f"default-w{w:g}{sfx}"]["ndcg@10"] for w in DEFAULT_WEIGHTS}
+        assert figures[weights[stage]] == max(figures.values())
+    assert 0.0 <= r["systems"]["hybrid"]["ndcg@10"] <= 1.0 and "QUICK SUBSET" in r["dataset"]
+
+
+def test_heads_suite_refuses_an_unknown_first_stage(data_dir: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "heads.json"
+    args = ["heads", "--quick", "--data-dir", str(data_dir), "--output", str(out)]
+    assert main([*args, "--opt", "first_stages=bm25,splade"]) == 2
+    assert "first_stages" in capsys.readouterr().err and not out.exists()
 
 
 def test_report_suite(tmp_path: Path) -> None:
@@ -251,3 +283,35 @@ def test_rerank_reuses_baseline_rows_only_from_the_same_run(tmp_path: Path) -> N
     f.write_text(json.dumps(old))
     with pytest.raises(SuiteError, match="quick"):
         reuse_baselines({"baselines_from": str(f)}, ["listwise"], [20], 43, model)
+
+
+def test_dl19_hybrid_first_stage_follows_the_retriever_config(data_dir: Path) -> None:
+    import numpy as np
+
+    from eval.rerank import hybrid_pool, load_dl19
+    from retrievers.config import RetrieverConfig
+    from retrievers.dense import load_encoder
+
+    queries, _ = load_dl19(data_dir)
+    q = queries[0]
+    bm25_of = dict(zip((p.id for p in q["passages"]), q["bm25"], strict=True))
+    # All weight on BM25 keeps DL19's BM25 order; all weight on the dense half gives the encoder's
+    # cosine order; either way the candidates and their BM25 scores travel together.
+    (only_bm25,) = hybrid_pool([q], RetrieverConfig(weights=(1.0, 0.0)))
+    (only_dense,) = hybrid_pool([q], RetrieverConfig(weights=(0.0, 1.0)))
+    (equal,) = hybrid_pool([q], RetrieverConfig())
+    for h in (only_bm25, only_dense, equal):
+        assert sorted(p.id for p in h["passages"]) == sorted(p.id for p in q["passages"])
+        assert h["bm25"] == [bm25_of[p.id] for p in h["passages"]]
+        assert all(a >= b for a, b in zip(h["first_stage"], h["first_stage"][1:], strict=False))
+    assert [p.id for p in only_bm25["passages"]] == [p.id for p in q["passages"]]
+    enc = load_encoder()
+    cos = (
+        enc.encode([p.text for p in q["passages"]], normalize_embeddings=True)
+        @ enc.encode([q["query"]], normalize_embeddings=True)[0]
+    )
+    expected = [q["passages"][i].id for i in np.argsort(-cos, kind="stable")]
+    got = [p.id for p in only_dense["passages"]]
+    # Cosines equal to float precision may swap; the ranking must agree elsewhere.
+    assert sum(a != b for a, b in zip(got, expected, strict=True)) <= 2
+    assert [p.id for p in equal["passages"]] not in ([p.id for p in q["passages"]], got)
