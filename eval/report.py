@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from argparse import Namespace
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -169,13 +170,14 @@ def run(args: Namespace) -> dict[str, Any]:
         f"`{inputs.relative_to(REPO_ROOT) if inputs.is_relative_to(REPO_ROOT) else inputs}`.\n",
     ]
     summary = []
-    machine = None
+    # The machine most results were measured on heads the summary; a table from another CPU says so.
+    machines = [m for m in (json.loads(f.read_text(encoding="utf-8")).get("machine") for f in files) if m]
+    cpus = Counter(m["cpu"] for m in machines if "cpu" in m)
+    machine = next((m for m in machines if cpus and m.get("cpu") == cpus.most_common(1)[0][0]), None)
     for f in files:
         r = json.loads(f.read_text(encoding="utf-8"))
         if "systems" not in r or "suite" not in r:
             continue
-        if "cpu" in (r.get("machine") or {}):
-            machine = machine or r["machine"]
         quick = " (QUICK subset)" if r.get("config", {}).get("quick") else ""
         parts.append(f"\n## {r['suite']}: {r['dataset']}{quick}\n\nFile: `{f.name}`\n\n{table(r)}\n")
         if r["suite"] == "position":
@@ -218,6 +220,9 @@ def run(args: Namespace) -> dict[str, Any]:
             )
         elif r["suite"] != "speed":
             where = " — on the lent GPU" if r["suite"] == "gpu-speed" else ""
+            cpu = (r.get("machine") or {}).get("cpu")
+            if not where and machine and cpu and cpu != machine.get("cpu"):
+                where = f" — on {cpu}"
             summary.append(
                 f"**{r['suite']}** (`{f.name}`{where}) — {r['dataset']}{quick}\n\n{table(r, key)}\n"
             )
