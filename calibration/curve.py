@@ -8,6 +8,12 @@ it) removes the slot's share at no extra forward pass.
 Model: for each fitted list length n, a per-slot mean ``mu[n][j]`` and spread ``sd[n][j]`` of the
 (per-list normalised) score, lightly smoothed along the slots; other lengths interpolate over the
 relative position ``j / (n - 1)`` between the nearest fitted lengths.
+
+Removing the slot's mean is not enough to make a ranking position-blind: the gold passage stands out
+less at some slots (with SmolLM2, the first two) than at others, so its chance of ranking first still
+depends on where it sits. Optional per-slot ``offset[n][j]`` values, added after the correction, trade
+that back: they are fitted on lists in which a known relevant passage visits every slot
+(:func:`equalise`) so that its recall@1 is as even over the slots as the data allow.
 """
 
 from __future__ import annotations
@@ -21,7 +27,9 @@ from typing import Any
 
 import numpy as np
 
-CURVE_FORMAT_VERSION = 1
+CURVE_FORMAT_VERSION = 2
+# Versions this one reads: 1 had no per-slot offsets.
+READABLE_VERSIONS = (1, 2)
 MODES = ("multiplicative", "subtractive", "zscore")
 # Metadata keys that must match between the curve and the probe that applies it.
 MATCH_KEYS = (
@@ -89,6 +97,8 @@ class BiasCurve:
         mean: Per length, the per-slot bias (len n).
         sd: Per length, the per-slot spread.
         lower / upper: Per length, a 95% bootstrap band of ``mean``.
+        offset: Per length, per-slot offsets added after the correction (see :func:`equalise`); empty
+            for none. Lengths without one interpolate over relative position from those with one.
         meta: The model and probe configuration it belongs to, and the fitting data.
     """
 
@@ -98,14 +108,15 @@ class BiasCurve:
     sd: dict[int, np.ndarray]
     lower: dict[int, np.ndarray] = field(default_factory=dict)
     upper: dict[int, np.ndarray] = field(default_factory=dict)
+    offset: dict[int, np.ndarray] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
 
     def _interp(self, table: dict[int, np.ndarray], n: int) -> np.ndarray:
         if n in table:
             return table[n]
         r = np.linspace(0.0, 1.0, n) if n > 1 else np.array([1.0])
-        below = [m for m in self.lengths if m < n]
-        above = [m for m in self.lengths if m > n]
+        below = [m for m in table if m < n]
+        above = [m for m in table if m > n]
         lo = max(below) if below else min(above)
         hi = min(above) if above else max(below)
 
@@ -123,12 +134,26 @@ class BiasCurve:
             raise ValueError(f"list length must be >= 1, got {n}")
         return self._interp(self.mean, n)
 
+    def offsets(self, n: int) -> np.ndarray:
+        """The per-slot offsets of an ``n``-passage list (zeros when the curve has none)."""
+        if n < 1:
+            raise ValueError(f"list length must be >= 1, got {n}")
+        return self._interp(self.offset, n) if self.offset else np.zeros(n)
+
     def apply(self, scores: Sequence[float], positions: Sequence[int] | None = None) -> np.ndarray:
         """Correct ``scores`` of one list; ``positions[i]`` is the 0-based prompt slot of score i.
 
         Scores are normalised per list the same way as when fitting (divided by their mean for the
         multiplicative mode), so the correction does not depend on the query's overall attention level.
+        The curve's per-slot offsets, if any, are added last.
         """
+        out = self._correct(scores, positions)
+        if self.offset and len(out):
+            pos = np.arange(len(out)) if positions is None else np.asarray(positions)
+            out = out + self.offsets(len(out))[pos]
+        return out
+
+    def _correct(self, scores: Sequence[float], positions: Sequence[int] | None = None) -> np.ndarray:
         s = np.asarray(scores, dtype=np.float64)
         n = len(s)
         if n == 0:
@@ -175,6 +200,7 @@ class BiasCurve:
             "sd": tab(self.sd),
             "lower": tab(self.lower),
             "upper": tab(self.upper),
+            "offset": tab(self.offset),
             "meta": self.meta,
         }
 
@@ -197,10 +223,10 @@ class BiasCurve:
             d = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path}: not valid JSON: {exc}") from exc
-        if d.get("format_version") != CURVE_FORMAT_VERSION:
+        if d.get("format_version") not in READABLE_VERSIONS:
             raise ValueError(
                 f"{path}: curve format version {d.get('format_version')!r}, this version reads "
-                f"{CURVE_FORMAT_VERSION}; refit it with `attn-rerank calibrate`"
+                f"{', '.join(map(str, READABLE_VERSIONS))}; refit it with `attn-rerank calibrate`"
             )
         if d.get("mode") not in MODES:
             raise ValueError(f"{path}: unknown mode {d.get('mode')!r}; choose one of: {', '.join(MODES)}")
@@ -215,6 +241,7 @@ class BiasCurve:
             sd=tab(d["sd"]),
             lower=tab(d.get("lower", {})),
             upper=tab(d.get("upper", {})),
+            offset=tab(d.get("offset", {})),
             meta=d.get("meta", {}),
         )
 
@@ -304,3 +331,121 @@ def fit_curve(
         "lists_per_length": {str(n): len(r) for n, r in by_len.items()},
     }
     return BiasCurve(mode=mode, lengths=sorted(by_len), mean=mean, sd=sd, lower=lower, upper=upper, meta=meta)
+
+
+def sweep_recall(corrected: np.ndarray) -> np.ndarray:
+    """Per-slot recall@1 of the relevant passage over a sweep.
+
+    ``corrected[q, g, j]``: the score at prompt slot ``j`` of question ``q``'s list whose relevant passage
+    sits at slot ``g``. Ties count against the relevant passage.
+    """
+    n = corrected.shape[1]
+    idx = np.arange(n)
+    gold = corrected[:, idx, idx]
+    others = np.where(np.eye(n, dtype=bool)[None], -np.inf, corrected).max(axis=2)
+    return (gold > others).mean(axis=0)
+
+
+def evenness_objective(per_slot: np.ndarray, bins: int = 5) -> float:
+    """Mean recall@1 minus the spread (max - min) over ``bins`` groups of neighbouring slots."""
+    groups = [float(per_slot[g].mean()) for g in np.array_split(np.arange(len(per_slot)), bins)]
+    return float(per_slot.mean() - (max(groups) - min(groups)))
+
+
+def equalise(
+    curve: BiasCurve,
+    sweep: np.ndarray,
+    *,
+    bins: int = 5,
+    knots: Sequence[int] | None = None,
+    steps: int = 31,
+    rounds: int = 2,
+    note: Mapping[str, Any] | None = None,
+) -> BiasCurve:
+    """A copy of ``curve`` with per-slot offsets that even out the relevant passage's recall@1 over slots.
+
+    Args:
+        curve: The fitted curve (its mean and spread stay as they are).
+        sweep: Scores of shape (questions, n, n): ``sweep[q, g, j]`` is the probe's score at prompt slot
+            ``j`` of question ``q``'s list in which the relevant passage sits at slot ``g``; every
+            question's relevant passage visits every slot of an ``n``-passage list.
+        bins: Groups of neighbouring slots over which the spread is measured.
+        knots: 0-based slots at which offsets are fitted, linearly interpolated between them (fewer
+            values to fit from few questions); None fits every slot and smooths the result.
+        steps / rounds: Offsets are searched one value at a time (coordinate ascent) over ``steps``
+            values within +-1.5 distractor spreads of the corrected score, ``rounds`` passes.
+        note: Recorded in ``meta['fit']['offset']`` with the fit's figures (say what the sweep was).
+
+    The objective is mean recall@1 minus the spread over ``bins`` (see :func:`evenness_objective`). A
+    slot whose relevant passage stands out less than elsewhere gets a higher offset; the price is that
+    a distractor in that slot wins a little more often when the relevant passage is elsewhere, so the
+    mean recall may fall slightly. The offsets are centred on zero (a common shift changes no ranking).
+
+    Raises:
+        ValueError: ``sweep`` is not (questions, n, n) with at least one question, or bad ``knots``.
+    """
+    sweep = np.asarray(sweep, dtype=np.float64)
+    if sweep.ndim != 3 or sweep.shape[1] != sweep.shape[2] or sweep.shape[0] < 1:
+        raise ValueError(f"sweep must have shape (questions, n, n), got {sweep.shape}")
+    q, n, _ = sweep.shape
+    if n < bins:
+        raise ValueError(f"a sweep over {n} slots cannot be split into {bins} bins")
+    at = np.arange(n) if knots is None else np.asarray(sorted(set(knots)))
+    if at[0] != 0 or at[-1] != n - 1:
+        raise ValueError(f"knots must include the first and last slot (0 and {n - 1}), got {list(at)}")
+    base = BiasCurve(curve.mode, curve.lengths, curve.mean, curve.sd, meta=curve.meta)
+    corrected = np.array([[base.apply(sweep[i, g]) for g in range(n)] for i in range(q)])
+    distractors = corrected[:, ~np.eye(n, dtype=bool)]
+    span = 1.5 * float(np.median(distractors.std(axis=0)))
+    # Closest to zero first, so that a slot whose offset does not matter keeps none.
+    grid = sorted(np.linspace(-span, span, steps), key=abs)
+    values = np.zeros(len(at))
+
+    def spread_out(v: np.ndarray) -> np.ndarray:
+        return np.interp(np.arange(n), at, v)
+
+    def score(v: np.ndarray) -> float:
+        return evenness_objective(sweep_recall(corrected + spread_out(v)[None, None, :]), bins)
+
+    best = score(values)
+    for _ in range(rounds):
+        for j in range(len(at)):
+            for v in grid:
+                trial = values.copy()
+                trial[j] = v
+                s = score(trial)
+                if s > best + 1e-12:
+                    best, values = s, trial
+    offsets = _smooth(values) if knots is None else spread_out(values)
+    offsets -= offsets.mean()
+    before, after = sweep_recall(corrected), sweep_recall(corrected + offsets[None, None, :])
+
+    def figures(per_slot: np.ndarray) -> dict[str, float]:
+        groups = [float(per_slot[g].mean()) for g in np.array_split(np.arange(n), bins)]
+        return {
+            "recall@1": round(float(per_slot.mean()), 4),
+            "bin_spread": round(max(groups) - min(groups), 4),
+        }
+
+    meta = dict(curve.meta)
+    meta["fit"] = {
+        **meta.get("fit", {}),
+        "offset": {
+            **(note or {}),
+            "questions": q,
+            "length": n,
+            "knots": None if knots is None else [int(k) for k in at],
+            "before": figures(before),
+            "after": figures(after),
+        },
+    }
+    return BiasCurve(
+        curve.mode,
+        curve.lengths,
+        curve.mean,
+        curve.sd,
+        lower=curve.lower,
+        upper=curve.upper,
+        offset={**curve.offset, n: offsets},
+        meta=meta,
+    )

@@ -226,6 +226,14 @@ def cv_variants(
     return variants
 
 
+def pass_last_layer(model: Any, probe_cfg: Any, quick: bool = False) -> int:
+    """The last layer each sweep pass reads: up to ``SWEEP_LAST`` (or the config's, if deeper), so that
+    every band of probe-cv's grid is scored from the same cached passes; a quick run stops at the config's.
+    """
+    cfg_last = probe_cfg.layer_range[1] if probe_cfg.layer_range else model.num_layers - 1
+    return cfg_last if quick else min(max(cfg_last, SWEEP_LAST), model.num_layers - 1)
+
+
 def run(args: Namespace) -> dict[str, Any]:
     from eval.nq import load_nq
     from eval.probe_stats import ProbeJob, collect
@@ -276,8 +284,7 @@ def run(args: Namespace) -> dict[str, Any]:
     # Every pass reads layers 0..SWEEP_LAST (or deeper, if the config needs it) so that probe-cv's bands
     # and any configuration up to that layer are scored from the same cached passes; a quick run stops at
     # the config's last layer, and its grid keeps the bands that end there.
-    cfg_last = probe_cfg.layer_range[1] if probe_cfg.layer_range else model.num_layers - 1
-    last = cfg_last if args.quick else min(max(cfg_last, SWEEP_LAST), model.num_layers - 1)
+    last = pass_last_layer(model, probe_cfg, quick=args.quick)
     stats, _ = collect(
         model,
         jobs,

@@ -4,6 +4,11 @@ The fitting lists come from the NQ-open oracle data's *dev* questions (never the
 questions): a question's gold passage among its hard distractors, at a random slot, for several list
 lengths. Only distractor slots enter the curve (they carry no relevance signal for the question); the
 gold passage is used to choose the correction form on held-out lists.
+
+With ``--equalise-questions K`` it also runs a sweep over ``K`` more dev questions, each one's gold
+passage moved through all 20 slots, and fits per-slot offsets that even out the gold passage's recall@1
+over the slots (:func:`calibration.curve.equalise`). Which correction form and which offset shape (none,
+every slot, or a few knots) is kept is chosen by cross-validation over the sweep's questions.
 """
 
 from __future__ import annotations
@@ -18,12 +23,23 @@ from typing import Any
 
 import numpy as np
 
-from calibration.curve import MODES, BiasCurve, fit_curve
+from calibration.curve import MODES, BiasCurve, equalise, evenness_objective, fit_curve, sweep_recall
 from rerank.config import CalibrationConfig, PipelineConfig, load_config
 
 logger = logging.getLogger(__name__)
 
 LENGTHS = (5, 10, 15, 20)
+SWEEP_LENGTH = 20
+SWEEP_FOLDS = 5
+# Offset shapes the sweep's cross-validation chooses among: none, every slot (smoothed), or values at a
+# few slots (0-based, for 20-passage lists) with straight lines between, denser at the start of the list
+# where the bias changes fastest.
+OFFSET_SHAPES: dict[str, tuple[int, ...] | None] = {
+    "none": (),
+    "every-slot": None,
+    "knots-7": (0, 1, 2, 4, 9, 14, 19),
+    "knots-5": (0, 1, 3, 10, 19),
+}
 
 
 def score_lists(
@@ -75,6 +91,105 @@ def heldout_recall(curve: BiasCurve, scored: Sequence[tuple[np.ndarray, int]]) -
     return float(np.mean(hits))
 
 
+def sweep_scores(reranker: Any, items: Sequence[Any], cache_dir: Path) -> np.ndarray:
+    """Scores (questions, slot of the gold passage, prompt slot) of 20-passage lists of ``items``.
+
+    Each question's gold passage visits every slot among its 19 hard distractors. The passes are cached
+    in ``cache_dir`` the same way as the position suite's (``python -m eval position``), which reads the
+    same layers, so either can reuse the other's.
+    """
+    from eval.position import pass_last_layer
+    from eval.probe_stats import ProbeJob, collect
+    from rerank.calibrators import ScoreSettings
+    from rerank.scoring import passage_scores
+
+    n = SWEEP_LENGTH
+    jobs = [
+        ProbeJob(f"{it.qid}:{g}", it.question, tuple(it.with_gold_at(g, n))) for it in items for g in range(n)
+    ]
+    cfg = reranker.cfg
+    stats, _ = collect(
+        reranker.model,
+        jobs,
+        cache_dir=cache_dir,
+        max_passage_tokens=cfg.passage_max_tokens,
+        template=reranker.template,
+        last_layer=pass_last_layer(reranker.model, cfg),
+        reuse_prefix=True,
+        desc="calibrate sweep",
+    )
+    settings = ScoreSettings.of(cfg)
+    kw = {"layers": settings.layers, "heads": settings.heads, "aggregation": settings.aggregation}
+    kind = settings.kind(reranker.calibrator.score_kind)
+    return np.array(
+        [
+            [
+                passage_scores(stats[f"{it.qid}:{g}"], kind=kind, head_set=settings.head_set, **kw)
+                for g in range(n)
+            ]
+            for it in items
+        ]
+    )
+
+
+def _sweep_samples(sweep: np.ndarray) -> list[tuple[np.ndarray, list[int], list[bool]]]:
+    n = sweep.shape[1]
+    return [(row[g], list(range(n)), [j != g for j in range(n)]) for row in sweep for g in range(n)]
+
+
+def _fit_shape(
+    scored: Sequence[tuple[np.ndarray, int]],
+    sweep: np.ndarray,
+    mode: str,
+    shape: str,
+    meta: dict[str, Any] | None = None,
+    n_bootstrap: int = 0,
+) -> BiasCurve:
+    curve = fit_curve(_samples(scored) + _sweep_samples(sweep), mode=mode, meta=meta, n_bootstrap=n_bootstrap)
+    knots = OFFSET_SHAPES[shape]
+    if knots == ():
+        return curve
+    return equalise(curve, sweep, knots=knots, note={"shape": shape})
+
+
+def choose_by_sweep(
+    scored: Sequence[tuple[np.ndarray, int]],
+    sweep: np.ndarray,
+    modes: Sequence[str],
+    folds: int = SWEEP_FOLDS,
+    seed: int = 0,
+) -> tuple[tuple[str, str], dict[str, dict[str, float]]]:
+    """Pick (correction form, offset shape) by cross-validation over the sweep's questions.
+
+    Each candidate is fitted on the fitting lists plus the other folds' sweep questions and scored on
+    the held-out fold; the objective is mean recall@1 minus the spread over five slot bins, over all
+    held-out lists together.
+    """
+    q = sweep.shape[0]
+    folds = min(folds, q)
+    if folds < 2:
+        raise ValueError(f"choosing offsets by cross-validation needs at least 2 sweep questions, got {q}")
+    parts = np.array_split(np.random.default_rng(seed).permutation(q), folds)
+    table: dict[str, dict[str, float]] = {}
+    for mode in modes:
+        for shape in OFFSET_SHAPES:
+            corrected = np.empty_like(sweep)
+            for test in parts:
+                curve = _fit_shape(scored, sweep[np.setdiff1d(np.arange(q), test)], mode, shape)
+                for i in test:
+                    corrected[i] = [curve.apply(sweep[i, g]) for g in range(sweep.shape[1])]
+            per_slot = sweep_recall(corrected)
+            groups = [per_slot[g].mean() for g in np.array_split(np.arange(len(per_slot)), 5)]
+            table[f"{mode}/{shape}"] = {
+                "recall@1": round(float(per_slot.mean()), 4),
+                "bin_spread": round(float(max(groups) - min(groups)), 4),
+                "objective": round(evenness_objective(per_slot), 4),
+            }
+    best = max(table, key=lambda k: table[k]["objective"])
+    mode, shape = best.split("/")
+    return (mode, shape), table
+
+
 def fit_for(
     cfg: PipelineConfig,
     data_dir: Path,
@@ -82,11 +197,15 @@ def fit_for(
     n_lists: int = 240,
     model: Any = None,
     modes: Sequence[str] = MODES,
+    equalise_questions: int = 0,
+    cache_dir: Path | None = None,
 ) -> tuple[BiasCurve, dict[str, Any]]:
     """Fit a curve for ``cfg`` (its model, probe settings and calibrator's score kind).
 
     Three quarters of the lists fit each correction form; the form with the best gold recall@1 on the
-    remaining quarter is refitted on all lists and returned.
+    remaining quarter is refitted on all lists and returned. With ``equalise_questions`` > 0, a sweep
+    over that many further dev questions (cached in ``cache_dir``) decides instead, by cross-validation,
+    both the form and the per-slot offsets (see :func:`choose_by_sweep`).
     """
     from eval.nq import load_nq
     from rerank.model import load_model
@@ -103,13 +222,16 @@ def fit_for(
     rr = AttentionReranker(model, cfg.probe, CalibrationConfig(name=base))
     rr_meta = rr.probe_meta()
     _, dev = load_nq(data_dir)
-    lists = fitting_lists(dev, n_lists)
+    if equalise_questions < 0 or equalise_questions + min(n_lists, 1) > len(dev):
+        raise ValueError(f"equalise_questions must be 0..{len(dev) - 1}, got {equalise_questions}")
+    # The sweep takes the first dev questions, the fitting lists the others.
+    sweep_items, list_items = dev[:equalise_questions], dev[equalise_questions:]
+    lists = fitting_lists(list_items, n_lists)
     scored = score_lists(rr, lists)
     cut = len(scored) * 3 // 4
     report: dict[str, Any] = {"heldout_recall@1": {}}
-    for mode in modes:
-        if mode == "multiplicative" and any(np.any(s <= 0) for s, _ in scored):
-            continue  # a ratio needs positive scores
+    usable = [m for m in modes if not (m == "multiplicative" and any(np.any(s <= 0) for s, _ in scored))]
+    for mode in usable:
         c = fit_curve(_samples(scored[:cut]), mode=mode)
         report["heldout_recall@1"][mode] = heldout_recall(c, scored[cut:])
     raw_recall = float(np.mean([float(np.argmax(s) == g) for s, g in scored[cut:]]))
@@ -126,6 +248,19 @@ def fit_for(
             "mode_choice": report["heldout_recall@1"],
         },
     }
+    if equalise_questions:
+        from rerank.model import default_cache_dir
+
+        sweep = sweep_scores(rr, sweep_items, cache_dir or default_cache_dir() / "passes")
+        (best, shape), table = choose_by_sweep(scored, sweep, usable)
+        meta["fit"]["data"] += (
+            f"; a sweep over {equalise_questions} more dev questions, gold passage at each of "
+            f"{SWEEP_LENGTH} slots"
+        )
+        meta["fit"]["sweep_choice"] = {"folds": min(SWEEP_FOLDS, equalise_questions), "candidates": table}
+        curve = _fit_shape(scored, sweep, best, shape, meta=meta, n_bootstrap=200)
+        report.update(mode=best, offset_shape=shape, sweep_choice=table)
+        return curve, {"scored": scored, **report}
     curve = fit_curve(_samples(scored), mode=best, meta=meta)
     report["mode"] = best
     return curve, {"scored": scored, **report}
@@ -194,6 +329,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     ap.add_argument("--lists", type=int, default=240, help="number of fitting lists (default 240)")
     ap.add_argument(
+        "--equalise-questions",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also sweep K dev questions' gold passage over 20 slots and fit per-slot offsets that even "
+        "out its recall@1 (default 0: none); K x 20 passes",
+    )
+    ap.add_argument(
+        "--cache-dir",
+        type=Path,
+        help="where the sweep's passes are cached (default: the user cache folder's passes/)",
+    )
+    ap.add_argument(
         "--dtype",
         choices=("auto", "bfloat16", "float16", "float32"),
         help="override model.dtype: a curve holds for the dtype it was fitted in (default: the config's)",
@@ -204,7 +352,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load_config(args.config)
         if args.dtype:
             cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"dtype": args.dtype})})
-        curve, report = fit_for(cfg, args.data_dir, n_lists=args.lists)
+        curve, report = fit_for(
+            cfg,
+            args.data_dir,
+            n_lists=args.lists,
+            equalise_questions=args.equalise_questions,
+            cache_dir=args.cache_dir,
+        )
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -214,6 +368,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"wrote {args.out} and {png}; mode {report['mode']}; held-out recall@1 {report['heldout_recall@1']}"
     )
+    if "sweep_choice" in report:
+        print(f"offsets: {report['offset_shape']}; sweep cross-validation: {report['sweep_choice']}")
     return 0
 
 
