@@ -300,7 +300,10 @@ def plot_curve(curve: BiasCurve, scored: Sequence[tuple[np.ndarray, int]], path:
     ax[0].set_title(f"{kind} by slot ({curve.mode})")
     ax[0].set_xlabel("prompt slot (1 = first)")
     ax[0].legend(fontsize=7)
-    ax[1].plot(x, cor, "o-", color="C2")
+    ax[1].plot(x, cor, "o-", color="C2", label="distractors, corrected")
+    if curve.offset:
+        ax[1].plot(x, curve.offsets(n), "--", color="C3", label="per-slot offsets (included)")
+        ax[1].legend(fontsize=7)
     ax[1].set_title("after correction")
     ax[1].set_xlabel("prompt slot (1 = first)")
     meta = curve.meta
