@@ -260,7 +260,9 @@ def fit_for(
         meta["fit"]["sweep_choice"] = {"folds": min(SWEEP_FOLDS, equalise_questions), "candidates": table}
         curve = _fit_shape(scored, sweep, best, shape, meta=meta, n_bootstrap=200)
         report.update(mode=best, offset_shape=shape, sweep_choice=table)
-        return curve, {"scored": scored, **report}
+        # The plot's 20-passage lists: the sweep's, which outnumber the fitting lists of that length.
+        plot_lists = [(row[g], g) for row in sweep for g in range(SWEEP_LENGTH)]
+        return curve, {"scored": scored, "plot_lists": plot_lists, **report}
     curve = fit_curve(_samples(scored), mode=best, meta=meta)
     report["mode"] = best
     return curve, {"scored": scored, **report}
@@ -367,7 +369,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     curve.save(args.out)
     png = args.out.with_suffix(".png")
-    plot_curve(curve, report["scored"], png)
+    plot_curve(curve, report.get("plot_lists", report["scored"]), png)
     print(
         f"wrote {args.out} and {png}; mode {report['mode']}; held-out recall@1 {report['heldout_recall@1']}"
     )
