@@ -346,10 +346,21 @@ def sweep_recall(corrected: np.ndarray) -> np.ndarray:
     return (gold > others).mean(axis=0)
 
 
+def sweep_samples(sweep: np.ndarray) -> list[tuple[np.ndarray, list[int], list[bool]]]:
+    """:func:`fit_curve` samples of a sweep (questions, gold slot, prompt slot): its distractor slots."""
+    n = sweep.shape[1]
+    return [(row[g], list(range(n)), [j != g for j in range(n)]) for row in sweep for g in range(n)]
+
+
+def bin_spread(per_slot: np.ndarray, bins: int = 5) -> float:
+    """Max - min of the mean over ``bins`` groups of neighbouring slots."""
+    groups = [float(per_slot[g].mean()) for g in np.array_split(np.arange(len(per_slot)), bins)]
+    return max(groups) - min(groups)
+
+
 def evenness_objective(per_slot: np.ndarray, bins: int = 5) -> float:
     """Mean recall@1 minus the spread (max - min) over ``bins`` groups of neighbouring slots."""
-    groups = [float(per_slot[g].mean()) for g in np.array_split(np.arange(len(per_slot)), bins)]
-    return float(per_slot.mean() - (max(groups) - min(groups)))
+    return float(per_slot.mean() - bin_spread(per_slot, bins))
 
 
 def equalise(
@@ -393,8 +404,8 @@ def equalise(
     at = np.arange(n) if knots is None else np.asarray(sorted(set(knots)))
     if at[0] != 0 or at[-1] != n - 1:
         raise ValueError(f"knots must include the first and last slot (0 and {n - 1}), got {list(at)}")
-    base = BiasCurve(curve.mode, curve.lengths, curve.mean, curve.sd, meta=curve.meta)
-    corrected = np.array([[base.apply(sweep[i, g]) for g in range(n)] for i in range(q)])
+    # The correction without any offsets: the ones fitted here replace those the curve may have.
+    corrected = np.array([[curve._correct(sweep[i, g]) for g in range(n)] for i in range(q)])
     distractors = corrected[:, ~np.eye(n, dtype=bool)]
     span = 1.5 * float(np.median(distractors.std(axis=0)))
     # Closest to zero first, so that a slot whose offset does not matter keeps none.
@@ -421,10 +432,9 @@ def equalise(
     before, after = sweep_recall(corrected), sweep_recall(corrected + offsets[None, None, :])
 
     def figures(per_slot: np.ndarray) -> dict[str, float]:
-        groups = [float(per_slot[g].mean()) for g in np.array_split(np.arange(n), bins)]
         return {
             "recall@1": round(float(per_slot.mean()), 4),
-            "bin_spread": round(max(groups) - min(groups), 4),
+            "bin_spread": round(bin_spread(per_slot, bins), 4),
         }
 
     meta = dict(curve.meta)

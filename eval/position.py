@@ -141,12 +141,11 @@ def gold_rank(scores: np.ndarray, gold: int) -> int:
 
 def _fit(scores: np.ndarray, qs: np.ndarray, form: str) -> Any:
     """Curve of ``form`` fitted on the distractor slots of questions ``qs`` (None for ``none``)."""
-    from calibration.curve import fit_curve
+    from calibration.curve import fit_curve, sweep_samples
 
     if form == "none":
         return None
-    samples = [(scores[q, p], range(N), [j != p for j in range(N)]) for q in qs for p in range(N)]
-    return fit_curve(samples, mode=form, n_bootstrap=0)
+    return fit_curve(sweep_samples(scores[qs]), mode=form, n_bootstrap=0)
 
 
 def _ranks(scores: np.ndarray, qs: np.ndarray, curve: Any) -> np.ndarray:
@@ -157,9 +156,9 @@ def _ranks(scores: np.ndarray, qs: np.ndarray, curve: Any) -> np.ndarray:
 
 
 def _objective(ranks: np.ndarray) -> float:
-    per_pos = (ranks == 1).mean(axis=0)
-    bins = per_pos.reshape(BINS, -1).mean(axis=1)
-    return float(per_pos.mean() - (bins.max() - bins.min()))
+    from calibration.curve import evenness_objective
+
+    return evenness_objective((ranks == 1).mean(axis=0), BINS)
 
 
 def nested_cv(

@@ -23,7 +23,16 @@ from typing import Any
 
 import numpy as np
 
-from calibration.curve import MODES, BiasCurve, equalise, evenness_objective, fit_curve, sweep_recall
+from calibration.curve import (
+    MODES,
+    BiasCurve,
+    bin_spread,
+    equalise,
+    evenness_objective,
+    fit_curve,
+    sweep_recall,
+    sweep_samples,
+)
 from rerank.config import CalibrationConfig, PipelineConfig, load_config
 
 logger = logging.getLogger(__name__)
@@ -132,11 +141,6 @@ def sweep_scores(reranker: Any, items: Sequence[Any], cache_dir: Path) -> np.nda
     )
 
 
-def _sweep_samples(sweep: np.ndarray) -> list[tuple[np.ndarray, list[int], list[bool]]]:
-    n = sweep.shape[1]
-    return [(row[g], list(range(n)), [j != g for j in range(n)]) for row in sweep for g in range(n)]
-
-
 def _fit_shape(
     scored: Sequence[tuple[np.ndarray, int]],
     sweep: np.ndarray,
@@ -145,7 +149,7 @@ def _fit_shape(
     meta: dict[str, Any] | None = None,
     n_bootstrap: int = 0,
 ) -> BiasCurve:
-    curve = fit_curve(_samples(scored) + _sweep_samples(sweep), mode=mode, meta=meta, n_bootstrap=n_bootstrap)
+    curve = fit_curve(_samples(scored) + sweep_samples(sweep), mode=mode, meta=meta, n_bootstrap=n_bootstrap)
     knots = OFFSET_SHAPES[shape]
     if knots == ():
         return curve
@@ -179,10 +183,9 @@ def choose_by_sweep(
                 for i in test:
                     corrected[i] = [curve.apply(sweep[i, g]) for g in range(sweep.shape[1])]
             per_slot = sweep_recall(corrected)
-            groups = [per_slot[g].mean() for g in np.array_split(np.arange(len(per_slot)), 5)]
             table[f"{mode}/{shape}"] = {
                 "recall@1": round(float(per_slot.mean()), 4),
-                "bin_spread": round(float(max(groups) - min(groups)), 4),
+                "bin_spread": round(bin_spread(per_slot), 4),
                 "objective": round(evenness_objective(per_slot), 4),
             }
     best = max(table, key=lambda k: table[k]["objective"])
