@@ -147,6 +147,12 @@ def test_position_suite(data_dir: Path, tmp_path: Path, smol_model) -> None:
     for name, fig in r["fresh"]["systems"].items():
         if name != "probe-cv":
             assert {k: part["systems"][name][k] for k in fig} == fig, name
+    # cv=0 leaves probe-cv out and changes no other figure.
+    no_cv = _run("position", data_dir, tmp_path, "questions=3", "timing_lists=1", "cv=0")
+    assert set(no_cv["systems"]) == set(sys_) - {"probe-cv"} and no_cv["config"]["cv"]["variants"] == 0
+    for name, fig in no_cv["systems"].items():
+        want = {k: v for k, v in sys_[name].items() if k != "seconds_per_query" and "time" not in k}
+        assert {k: fig[k] for k in want} == want, name
     # Merged with a part over the first two questions, it gives the full run's figures, the bin spread's
     # position-blind null included (recomputed from the parts' per-question ranks, not averaged).
     first = _run("position", data_dir, tmp_path, "start=0", "questions=2", "timing_lists=1")
