@@ -100,21 +100,71 @@ def heldout_recall(curve: BiasCurve, scored: Sequence[tuple[np.ndarray, int]]) -
     return float(np.mean(hits))
 
 
-def sweep_scores(reranker: Any, items: Sequence[Any], cache_dir: Path) -> np.ndarray:
+def sweep_meta(reranker: Any) -> dict[str, Any]:
+    """What a stored sweep's scores depend on: the model, the probe settings and the list layout."""
+    return {
+        **reranker.probe_meta(),
+        "passage_max_tokens": reranker.cfg.passage_max_tokens,
+        "sweep_length": SWEEP_LENGTH,
+    }
+
+
+def load_sweep_store(path: Path, meta: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Stored sweep rows by question id; refuses a store made with another model or probe setting."""
+    import json
+
+    if not path.is_file():
+        return {}
+    with np.load(path, allow_pickle=False) as z:
+        stored = json.loads(str(z["meta"]))
+        if stored != meta:
+            diff = sorted(k for k in set(stored) | set(meta) if stored.get(k) != meta.get(k))
+            raise ValueError(
+                f"sweep store {path} was made with other settings ({', '.join(diff)} differ); "
+                "use another --sweep-store or delete it"
+            )
+        return {str(q): z["scores"][i] for i, q in enumerate(z["qids"])}
+
+
+def save_sweep_store(path: Path, meta: dict[str, Any], rows: dict[str, np.ndarray]) -> None:
+    """Write sweep rows (question id -> gold slot x prompt slot scores), sorted by id, atomically."""
+    import json
+    import os
+
+    qids = sorted(rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as fh:
+        np.savez_compressed(
+            fh,
+            meta=json.dumps(meta, sort_keys=True),
+            qids=np.array(qids),
+            scores=np.stack([rows[q] for q in qids]).astype(np.float32),
+        )
+    os.replace(tmp, path)
+
+
+def sweep_scores(
+    reranker: Any, items: Sequence[Any], cache_dir: Path, store: Path | None = None
+) -> np.ndarray:
     """Scores (questions, slot of the gold passage, prompt slot) of 20-passage lists of ``items``.
 
-    Each question's gold passage visits every slot among its 19 hard distractors. The passes are cached
-    in ``cache_dir`` the same way as the position suite's (``python -m eval position``), which reads the
-    same layers, so either can reuse the other's.
+    Each question's gold passage visits every slot among its 19 hard distractors; the passes stop after
+    the configuration's last layer and are cached in ``cache_dir``. With ``store``, an ``.npz`` of the
+    scores by question id (a few KB per question, against minutes of passes each): questions found
+    there are not probed again, and the store is rewritten with the new ones added. It is refused if it
+    was made with another model, dtype, layer band, score kind, template or passage cap.
     """
-    from eval.position import pass_last_layer
     from eval.probe_stats import ProbeJob, collect
     from rerank.calibrators import ScoreSettings
     from rerank.scoring import passage_scores
 
     n = SWEEP_LENGTH
+    meta = sweep_meta(reranker)
+    known = load_sweep_store(store, meta) if store is not None else {}
+    todo = [it for it in items if it.qid not in known]
     jobs = [
-        ProbeJob(f"{it.qid}:{g}", it.question, tuple(it.with_gold_at(g, n))) for it in items for g in range(n)
+        ProbeJob(f"{it.qid}:{g}", it.question, tuple(it.with_gold_at(g, n))) for it in todo for g in range(n)
     ]
     cfg = reranker.cfg
     stats, _ = collect(
@@ -123,22 +173,25 @@ def sweep_scores(reranker: Any, items: Sequence[Any], cache_dir: Path) -> np.nda
         cache_dir=cache_dir,
         max_passage_tokens=cfg.passage_max_tokens,
         template=reranker.template,
-        last_layer=pass_last_layer(reranker.model, cfg),
+        last_layer=reranker.engine.layers[-1],
         reuse_prefix=True,
         desc="calibrate sweep",
     )
     settings = ScoreSettings.of(cfg)
     kw = {"layers": settings.layers, "heads": settings.heads, "aggregation": settings.aggregation}
     kind = settings.kind(reranker.calibrator.score_kind)
-    return np.array(
-        [
+    for it in todo:
+        known[it.qid] = np.array(
             [
                 passage_scores(stats[f"{it.qid}:{g}"], kind=kind, head_set=settings.head_set, **kw)
                 for g in range(n)
-            ]
-            for it in items
-        ]
-    )
+            ],
+            dtype=np.float32,
+        )
+    if store is not None and todo:
+        save_sweep_store(store, meta, known)
+    # float32 whether stored or fresh, so a fit does not depend on which questions came from the store
+    return np.array([known[it.qid] for it in items], dtype=np.float64)
 
 
 def _fit_shape(
@@ -202,13 +255,15 @@ def fit_for(
     modes: Sequence[str] = MODES,
     equalise_questions: int = 0,
     cache_dir: Path | None = None,
+    sweep_store: Path | None = None,
 ) -> tuple[BiasCurve, dict[str, Any]]:
     """Fit a curve for ``cfg`` (its model, probe settings and calibrator's score kind).
 
     Three quarters of the lists fit each correction form; the form with the best gold recall@1 on the
     remaining quarter is refitted on all lists and returned. With ``equalise_questions`` > 0, a sweep
-    over that many further dev questions (cached in ``cache_dir``) decides instead, by cross-validation,
-    both the form and the per-slot offsets (see :func:`choose_by_sweep`).
+    over that many further dev questions (cached in ``cache_dir``, stored in ``sweep_store``: see
+    :func:`sweep_scores`) decides instead, by cross-validation, both the form and the per-slot offsets
+    (see :func:`choose_by_sweep`).
     """
     from eval.nq import load_nq
     from rerank.model import load_model
@@ -254,7 +309,7 @@ def fit_for(
     if equalise_questions:
         from rerank.model import default_cache_dir
 
-        sweep = sweep_scores(rr, sweep_items, cache_dir or default_cache_dir() / "passes")
+        sweep = sweep_scores(rr, sweep_items, cache_dir or default_cache_dir() / "passes", sweep_store)
         (best, shape), table = choose_by_sweep(scored, sweep, usable)
         meta["fit"]["data"] += (
             f"; a sweep over {equalise_questions} more dev questions, gold passage at each of "
@@ -350,6 +405,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="where the sweep's passes are cached (default: the user cache folder's passes/)",
     )
     ap.add_argument(
+        "--sweep-store",
+        type=Path,
+        help="an .npz of the sweep's scores by question: questions in it are not probed again, and new "
+        "ones are added (refused if made with other model or probe settings)",
+    )
+    ap.add_argument(
         "--dtype",
         choices=("auto", "bfloat16", "float16", "float32"),
         help="override model.dtype: a curve holds for the dtype it was fitted in (default: the config's)",
@@ -366,6 +427,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             n_lists=args.lists,
             equalise_questions=args.equalise_questions,
             cache_dir=args.cache_dir,
+            sweep_store=args.sweep_store,
         )
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -296,8 +296,9 @@ def test_calibrate_command_chooses_offsets_on_a_dev_sweep(tmp_path, data_dir):
     )
     out, cache = tmp_path / "even.json", tmp_path / "passes"
     args = ["--config", str(cfg), "--out", str(out), "--lists", "16", "--dtype", "float32"]
+    store = tmp_path / "sweep.npz"
     args += ["--equalise-questions", "2", "--cache-dir", str(cache), "--data-dir", str(data_dir)]
-    assert main(args) == 0
+    assert main([*args, "--sweep-store", str(store)]) == 0
     curve = BiasCurve.load(out)
     fit = curve.meta["fit"]
     assert "sweep over 2 more dev questions" in fit["data"]
@@ -307,5 +308,32 @@ def test_calibrate_command_chooses_offsets_on_a_dev_sweep(tmp_path, data_dir):
     assert curve.mode == best.split("/")[0]
     assert bool(curve.offset) == (best.split("/")[1] != "none")
     assert len(list(cache.glob("*.npz"))) == 2 * 20
+    # The store holds the two questions' scores; with the pass cache gone, a refit reads them from it
+    # instead of probing again, and fits the same offsets.
+    with np.load(store) as z:
+        assert z["scores"].shape == (2, 20, 20) and len(set(z["qids"].tolist())) == 2
+    for f in cache.glob("*.npz"):
+        f.unlink()
+    again = tmp_path / "again.json"
+    assert main([*args[:3], str(again), *args[4:], "--sweep-store", str(store)]) == 0
+    assert not list(cache.glob("*.npz")), "questions in the store must not be probed again"
+    assert BiasCurve.load(again).offset == curve.offset
     with pytest.raises(SystemExit):
         main([*args[:-4], "--equalise-questions", "x"])
+
+
+def test_sweep_store_round_trip_and_refusal(tmp_path):
+    """The sweep store keeps rows by question id and refuses settings it was not made with."""
+    from rerank.calibrate import load_sweep_store, save_sweep_store
+
+    meta = {"model_id": "m", "dtype": "bfloat16", "layers": [12, 19], "sweep_length": 20}
+    rows = {"nq2": np.full((20, 20), 2.0), "nq10": np.arange(400.0).reshape(20, 20)}
+    path = tmp_path / "s.npz"
+    assert load_sweep_store(path, meta) == {}, "a missing store is an empty one"
+    save_sweep_store(path, meta, rows)
+    back = load_sweep_store(path, meta)
+    assert sorted(back) == ["nq10", "nq2"]
+    np.testing.assert_array_equal(back["nq10"], rows["nq10"])
+    with pytest.raises(ValueError, match="layers differ"):
+        load_sweep_store(path, {**meta, "layers": [0, 23]})
+    assert not list(tmp_path.glob("*.tmp")), "the write is atomic: no temporary file left"
