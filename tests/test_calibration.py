@@ -337,3 +337,25 @@ def test_sweep_store_round_trip_and_refusal(tmp_path):
     with pytest.raises(ValueError, match="layers differ"):
         load_sweep_store(path, {**meta, "layers": [0, 23]})
     assert not list(tmp_path.glob("*.tmp")), "the write is atomic: no temporary file left"
+
+
+def test_shipped_sweep_store_reproduces_the_default_curves_offset_fit(data_dir):
+    """The store beside the default's curve holds the dev sweep its offsets were fitted on: that curve
+    applied to those questions' lists gives the recall@1 and bin spread recorded when it was fitted."""
+    from calibration.curve import bin_spread, sweep_recall
+    from eval.nq import load_nq
+
+    store = REPO / "calibration" / "curves" / "smollm2-135m-nacal.sweep.npz"
+    curve = BiasCurve.load(store.with_name("smollm2-135m-nacal.json"))
+    fitted = curve.meta["fit"]["offset"]
+    with np.load(store) as z:
+        meta = json.loads(str(z["meta"]))
+        rows = dict(zip(z["qids"].tolist(), z["scores"].astype(np.float64), strict=True))
+    for key in ("model_id", "weights_hash", "dtype", "layers", "score_kind", "template"):
+        assert meta[key] == curve.meta[key], key
+    dev = load_nq(data_dir)[1][: fitted["questions"]]
+    sweep = np.stack([rows[it.qid] for it in dev])
+    corrected = np.array([[curve.apply(s) for s in lists] for lists in sweep])
+    per_slot = sweep_recall(corrected)
+    assert round(float(per_slot.mean()), 4) == fitted["after"]["recall@1"]
+    assert round(bin_spread(per_slot), 4) == fitted["after"]["bin_spread"]
