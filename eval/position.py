@@ -228,12 +228,13 @@ def cv_variants(
     return variants
 
 
-def pass_last_layer(model: Any, probe_cfg: Any, quick: bool = False) -> int:
-    """The last layer each sweep pass reads: up to ``SWEEP_LAST`` (or the config's, if deeper), so that
-    every band of probe-cv's grid is scored from the same cached passes; a quick run stops at the config's.
+def pass_last_layer(model: Any, probe_cfg: Any, grid: bool = True) -> int:
+    """The last layer each sweep pass reads: with ``grid``, up to ``SWEEP_LAST`` (or the config's, if
+    deeper), so that every band of probe-cv's grid is scored from the same cached passes; else the
+    config's own last layer.
     """
     cfg_last = probe_cfg.layer_range[1] if probe_cfg.layer_range else model.num_layers - 1
-    return cfg_last if quick else min(max(cfg_last, SWEEP_LAST), model.num_layers - 1)
+    return min(max(cfg_last, SWEEP_LAST), model.num_layers - 1) if grid else cfg_last
 
 
 def run(args: Namespace) -> dict[str, Any]:
@@ -265,7 +266,7 @@ def run(args: Namespace) -> dict[str, Any]:
     n_q = int(get_opt(opts, "questions", 4 if args.quick else 300))
     start = get_start(opts, n_q)
     fresh_from = int(get_opt(opts, "fresh_from", 0))
-    with_cv = str(get_opt(opts, "cv", "1")) not in ("0", "false", "no")
+    with_cv = get_opt(opts, "cv", True)
     if fresh_from and not start < fresh_from < n_q:
         raise SuiteError(f"fresh_from={fresh_from} must be between start + 1 ({start + 1}) and {n_q - 1}")
     config_path = Path(get_opt(opts, "config", str(REPO_ROOT / "configs" / "default.yaml")))
@@ -287,8 +288,8 @@ def run(args: Namespace) -> dict[str, Any]:
     ]
     # Every pass reads layers 0..SWEEP_LAST (or deeper, if the config needs it) so that probe-cv's bands
     # and any configuration up to that layer are scored from the same cached passes; a quick run stops at
-    # the config's last layer, and its grid keeps the bands that end there.
-    last = pass_last_layer(model, probe_cfg, quick=args.quick or not with_cv)
+    # the config's last layer, and its grid keeps the bands that end there; so does a run without probe-cv.
+    last = pass_last_layer(model, probe_cfg, grid=with_cv and not args.quick)
     stats, _ = collect(
         model,
         jobs,

@@ -42,6 +42,15 @@ def _digest(model: LoadedModel, job: ProbeJob, max_tokens: int, template: Prompt
     return h.hexdigest()[:20]
 
 
+def save_npz(path: Path, **arrays: object) -> None:
+    """``np.savez_compressed`` under another name, then renamed: a process killed mid-write leaves no
+    truncated file, and parallel writers of the same path never interleave."""
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as fh:
+        np.savez_compressed(fh, **arrays)
+    os.replace(tmp, path)
+
+
 def collect(
     model: LoadedModel,
     jobs: Sequence[ProbeJob],
@@ -106,11 +115,7 @@ def collect(
             "tokens": prompt.num_tokens,
             "reused_prefix_tokens": reused,
         }
-        # Written under another name, then renamed: a run killed mid-write leaves no truncated entry.
-        tmp = f.with_name(f"{f.stem}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as fh:
-            np.savez_compressed(fh, meta=json.dumps(meta), **arrays)
-        os.replace(tmp, f)
+        save_npz(f, meta=json.dumps(meta), **arrays)
         if not keep_tokens:
             st = PassageStats(st.layers, st.query, st.na, st.lengths)
         stats[job.key] = st

@@ -123,25 +123,23 @@ def load_sweep_store(path: Path, meta: dict[str, Any]) -> dict[str, np.ndarray]:
                 f"sweep store {path} was made with other settings ({', '.join(diff)} differ); "
                 "use another --sweep-store or delete it"
             )
-        return {str(q): z["scores"][i] for i, q in enumerate(z["qids"])}
+        return dict(zip(z["qids"].tolist(), z["scores"], strict=True))
 
 
 def save_sweep_store(path: Path, meta: dict[str, Any], rows: dict[str, np.ndarray]) -> None:
     """Write sweep rows (question id -> gold slot x prompt slot scores), sorted by id, atomically."""
     import json
-    import os
+
+    from eval.probe_stats import save_npz
 
     qids = sorted(rows)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        np.savez_compressed(
-            fh,
-            meta=json.dumps(meta, sort_keys=True),
-            qids=np.array(qids),
-            scores=np.stack([rows[q] for q in qids]).astype(np.float32),
-        )
-    os.replace(tmp, path)
+    save_npz(
+        path,
+        meta=json.dumps(meta, sort_keys=True),
+        qids=np.array(qids),
+        scores=np.stack([rows[q] for q in qids]).astype(np.float32),
+    )
 
 
 def sweep_scores(
