@@ -39,6 +39,13 @@ when the first ``K`` questions were looked at while choosing the configuration.
 ``cv=0``: leave ``probe-cv`` out, so each pass stops after the config's last layer (19 of 30 for the
 default, about a fifth less work than the grid's 23): for re-measuring the other systems, e.g. with a
 new curve, when probe-cv's figure does not depend on it.
+``store=PREFIX`` (with ``cv=0``): keep each question's scores (raw and N/A-calibrated, every gold slot x
+prompt slot, float32) in ``PREFIX-raw.npz`` and ``PREFIX-nacal.npz``, the calibrate sweep's store format
+(see ``rerank.calibrate.sweep_scores``); questions found there are not probed again, so a new curve is
+measured on all 300 test questions in seconds, and the hours of passes can be spread over several runs
+that add to the same store one after another (one process per store: parts run at once fill the pass
+cache, and a final run with the store reads them from it). A store made with another model, dtype,
+layers or passage cap is refused.
 
 A full run is 20 passes per question, hours on a CPU. ``start=S`` probes and reports test questions ``S``
 to ``questions - 1`` only. Every pass is cached under ``results/cache/nq`` (keyed by model, dtype and
@@ -240,11 +247,12 @@ def pass_last_layer(model: Any, probe_cfg: Any, grid: bool = True) -> int:
 def run(args: Namespace) -> dict[str, Any]:
     from eval.nq import load_nq
     from eval.probe_stats import ProbeJob, collect
+    from rerank.calibrate import sweep_rows, sweep_scores
     from rerank.calibrators import ScoreSettings
     from rerank.config import CalibrationConfig, load_config
     from rerank.model import load_model
     from rerank.reranker import AttentionReranker, fuse_first_stage
-    from rerank.scoring import passage_scores, zscore
+    from rerank.scoring import zscore
     from retrievers.bm25 import BM25Retriever
 
     opts = getattr(args, "opts", {}) or {}
@@ -260,6 +268,7 @@ def run(args: Namespace) -> dict[str, Any]:
             "fresh_from",
             "passage_max_tokens",
             "cv",
+            "store",
         ],
     )
     require_data(args.data_dir, "nq-open-oracle")
@@ -267,6 +276,11 @@ def run(args: Namespace) -> dict[str, Any]:
     start = get_start(opts, n_q)
     fresh_from = int(get_opt(opts, "fresh_from", 0))
     with_cv = get_opt(opts, "cv", True)
+    store = str(get_opt(opts, "store", ""))
+    if store and with_cv:
+        raise SuiteError(
+            "store keeps the config's scores only, and probe-cv needs every pass's layers: add --opt cv=0"
+        )
     if fresh_from and not start < fresh_from < n_q:
         raise SuiteError(f"fresh_from={fresh_from} must be between start + 1 ({start + 1}) and {n_q - 1}")
     config_path = Path(get_opt(opts, "config", str(REPO_ROOT / "configs" / "default.yaml")))
@@ -281,43 +295,60 @@ def run(args: Namespace) -> dict[str, Any]:
     if len(test) < n_q:
         raise SuiteError(f"questions={n_q}, but the test split holds {len(test)}")
     test = test[start:n_q]
-    jobs = [
-        ProbeJob(f"{it.qid}:{pos}", it.question, tuple(it.with_gold_at(pos, N)))
-        for it in test
-        for pos in range(N)
-    ]
-    # Every pass reads layers 0..SWEEP_LAST (or deeper, if the config needs it) so that probe-cv's bands
-    # and any configuration up to that layer are scored from the same cached passes; a quick run stops at
-    # the config's last layer, and its grid keeps the bands that end there; so does a run without probe-cv.
-    last = pass_last_layer(model, probe_cfg, grid=with_cv and not args.quick)
-    stats, _ = collect(
-        model,
-        jobs,
-        cache_dir=REPO_ROOT / "results" / "cache" / "nq",
-        max_passage_tokens=probe_cfg.passage_max_tokens,
-        last_layer=last,
-        # Consecutive jobs move the gold passage one slot down the same list: the slots before it are
-        # the same tokens, so their KV cache is kept rather than recomputed.
-        reuse_prefix=True,
-        desc="position sweep",
-    )
+    cache = REPO_ROOT / "results" / "cache" / "nq"
     settings = ScoreSettings.of(probe_cfg)
-    kw = {"layers": probe_cfg.layers, "heads": probe_cfg.heads, "aggregation": probe_cfg.aggregation}
-    kw["head_set"] = probe_cfg.head_set
+    last = pass_last_layer(model, probe_cfg, grid=with_cv and not args.quick)
+    stats: dict[str, Any] = {}
+    if store:
+        # Scores by question from the stores (PREFIX-raw.npz, PREFIX-nacal.npz); questions missing there
+        # are probed (the N/A pass included) and added, so a curve can be re-measured without a pass.
+        scores = {
+            kind: sweep_scores(
+                AttentionReranker(model, probe_cfg, CalibrationConfig(name=calibrator)),
+                test,
+                cache,
+                Path(f"{store}-{kind}.npz"),
+                desc=f"position sweep ({kind})",
+            )
+            for kind, calibrator in (("raw", "none"), ("nacal", "content-free"))
+        }
+    else:
+        jobs = [
+            ProbeJob(f"{it.qid}:{pos}", it.question, tuple(it.with_gold_at(pos, N)))
+            for it in test
+            for pos in range(N)
+        ]
+        # Every pass reads layers 0..SWEEP_LAST (or deeper, if the config needs it) so that probe-cv's
+        # bands and any configuration up to that layer are scored from the same cached passes; a quick
+        # run stops at the config's last layer, and its grid keeps the bands that end there; so does a
+        # run without probe-cv.
+        stats, _ = collect(
+            model,
+            jobs,
+            cache_dir=cache,
+            max_passage_tokens=probe_cfg.passage_max_tokens,
+            last_layer=last,
+            # Consecutive jobs move the gold passage one slot down the same list: the slots before it
+            # are the same tokens, so their KV cache is kept rather than recomputed.
+            reuse_prefix=True,
+            desc="position sweep",
+        )
+        scores = {}
+        for name, kind in (("raw", "raw"), ("nacal", settings.kind("nacal"))):
+            rows = sweep_rows(stats, test, settings, kind)
+            scores[name] = np.array([rows[it.qid] for it in test], dtype=np.float64)
     names = ["probe-raw", "probe-nacal", "probe-curve", "probe-curve+nacal", "bm25"]
     weight = probe_cfg.first_stage_weight
     if weight > 0:
         names.insert(4, FUSED)
     ranks: dict[str, dict[int, list[int]]] = {s: {p: [] for p in range(N)} for s in names}
-    for it in test:
+    for i, it in enumerate(test):
         bm = BM25Retriever(backend="bm25s")
         bm.index(it.with_gold_at(0, N), show_progress=False)
         bm_gold_first = np.asarray(bm.scores(it.question), dtype=np.float64)
         bm_rank = gold_rank(bm_gold_first, 0)  # the same at every slot: BM25 does not see position
         for pos in range(N):
-            st = stats[f"{it.qid}:{pos}"]
-            raw = passage_scores(st, kind="raw", **kw)
-            na = passage_scores(st, kind=settings.kind("nacal"), **kw)
+            raw, na = scores["raw"][i, pos], scores["nacal"][i, pos]
             cal = curve_na.apply(na)
             ranks["probe-raw"][pos].append(gold_rank(raw, pos))
             ranks["probe-nacal"][pos].append(gold_rank(na, pos))

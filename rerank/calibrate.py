@@ -142,8 +142,32 @@ def save_sweep_store(path: Path, meta: dict[str, Any], rows: dict[str, np.ndarra
     )
 
 
+def sweep_rows(
+    stats: dict[str, Any], items: Sequence[Any], settings: Any, kind: str
+) -> dict[str, np.ndarray]:
+    """Each question's (slot of the gold passage, prompt slot) scores of ``kind``, from passes keyed
+    ``qid:slot``, as float32: what a sweep store keeps, so stored and fresh rows are the same numbers."""
+    from rerank.scoring import passage_scores
+
+    kw = {"layers": settings.layers, "heads": settings.heads, "aggregation": settings.aggregation}
+    return {
+        it.qid: np.array(
+            [
+                passage_scores(stats[f"{it.qid}:{g}"], kind=kind, head_set=settings.head_set, **kw)
+                for g in range(SWEEP_LENGTH)
+            ],
+            dtype=np.float32,
+        )
+        for it in items
+    }
+
+
 def sweep_scores(
-    reranker: Any, items: Sequence[Any], cache_dir: Path, store: Path | None = None
+    reranker: Any,
+    items: Sequence[Any],
+    cache_dir: Path,
+    store: Path | None = None,
+    desc: str = "calibrate sweep",
 ) -> np.ndarray:
     """Scores (questions, slot of the gold passage, prompt slot) of 20-passage lists of ``items``.
 
@@ -155,7 +179,6 @@ def sweep_scores(
     """
     from eval.probe_stats import ProbeJob, collect
     from rerank.calibrators import ScoreSettings
-    from rerank.scoring import passage_scores
 
     n = SWEEP_LENGTH
     meta = sweep_meta(reranker)
@@ -164,30 +187,22 @@ def sweep_scores(
     jobs = [
         ProbeJob(f"{it.qid}:{g}", it.question, tuple(it.with_gold_at(g, n))) for it in todo for g in range(n)
     ]
-    cfg = reranker.cfg
-    stats, _ = collect(
-        reranker.model,
-        jobs,
-        cache_dir=cache_dir,
-        max_passage_tokens=cfg.passage_max_tokens,
-        template=reranker.template,
-        last_layer=reranker.engine.layers[-1],
-        reuse_prefix=True,
-        desc="calibrate sweep",
-    )
-    settings = ScoreSettings.of(cfg)
-    kw = {"layers": settings.layers, "heads": settings.heads, "aggregation": settings.aggregation}
-    kind = settings.kind(reranker.calibrator.score_kind)
-    for it in todo:
-        known[it.qid] = np.array(
-            [
-                passage_scores(stats[f"{it.qid}:{g}"], kind=kind, head_set=settings.head_set, **kw)
-                for g in range(n)
-            ],
-            dtype=np.float32,
+    if todo:
+        cfg = reranker.cfg
+        stats, _ = collect(
+            reranker.model,
+            jobs,
+            cache_dir=cache_dir,
+            max_passage_tokens=cfg.passage_max_tokens,
+            template=reranker.template,
+            last_layer=reranker.engine.layers[-1],
+            reuse_prefix=True,
+            desc=desc,
         )
-    if store is not None and todo:
-        save_sweep_store(store, meta, known)
+        settings = ScoreSettings.of(cfg)
+        known.update(sweep_rows(stats, todo, settings, settings.kind(reranker.calibrator.score_kind)))
+        if store is not None:
+            save_sweep_store(store, meta, known)
     # float32 whether stored or fresh, so a fit does not depend on which questions came from the store
     return np.array([known[it.qid] for it in items], dtype=np.float64)
 

@@ -10,6 +10,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from eval.__main__ import main
@@ -88,7 +89,7 @@ def test_rerank_suite(data_dir: Path, tmp_path: Path) -> None:
     assert 0 <= lw["parse_failures"] <= lw["windows"] and lw["windows"] >= 1
 
 
-def test_position_suite(data_dir: Path, tmp_path: Path, smol_model) -> None:
+def test_position_suite(data_dir: Path, tmp_path: Path, smol_model, monkeypatch: pytest.MonkeyPatch) -> None:
     r = _run("position", data_dir, tmp_path, "questions=3", "timing_lists=1", "fresh_from=2")
     sys_ = r["systems"]
     assert set(sys_) == {
@@ -147,12 +148,29 @@ def test_position_suite(data_dir: Path, tmp_path: Path, smol_model) -> None:
     for name, fig in r["fresh"]["systems"].items():
         if name != "probe-cv":
             assert {k: part["systems"][name][k] for k in fig} == fig, name
-    # cv=0 leaves probe-cv out and changes no other figure.
-    no_cv = _run("position", data_dir, tmp_path, "questions=3", "timing_lists=1", "cv=0")
+    # cv=0 leaves probe-cv out and changes no other figure, also when the scores go through a store
+    # (filled by a run over two questions, then one more added).
+    store = f"store={tmp_path / 'pos'}"
+    _run("position", data_dir, tmp_path, "questions=2", "timing_lists=1", "cv=0", store)
+    no_cv = _run("position", data_dir, tmp_path, "questions=3", "timing_lists=1", "cv=0", store)
     assert set(no_cv["systems"]) == set(sys_) - {"probe-cv"} and no_cv["config"]["cv"]["variants"] == 0
     for name, fig in no_cv["systems"].items():
         want = {k: v for k, v in sys_[name].items() if k != "seconds_per_query" and "time" not in k}
         assert {k: fig[k] for k in want} == want, name
+    for kind in ("raw", "nacal"):
+        with np.load(tmp_path / f"pos-{kind}.npz") as z:
+            assert z["qids"].tolist() == sorted(r["per_question"]["qids"])
+            assert z["scores"].shape == (3, 20, 20)
+    # Every question is in the store now: a run makes no pass and reports the same ranks.
+    import eval.probe_stats
+
+    def no_pass(*a: object, **k: object) -> None:
+        raise AssertionError("a stored question was probed again")
+
+    monkeypatch.setattr(eval.probe_stats, "collect", no_pass)
+    again = _run("position", data_dir, tmp_path, "questions=3", "timing_lists=1", "cv=0", store)
+    assert again["per_question"] == no_cv["per_question"]
+    monkeypatch.undo()
     # Merged with a part over the first two questions, it gives the full run's figures, the bin spread's
     # position-blind null included (recomputed from the parts' per-question ranks, not averaged).
     first = _run("position", data_dir, tmp_path, "start=0", "questions=2", "timing_lists=1")
@@ -164,6 +182,7 @@ def test_position_suite(data_dir: Path, tmp_path: Path, smol_model) -> None:
     args = ["position", "--quick", "--data-dir", str(data_dir), "--output", str(tmp_path / "bad.json")]
     assert main([*args, "--opt", "start=3", "--opt", "questions=3"]) == 2
     assert main([*args, "--opt", "start=1", "--opt", "fresh_from=1"]) == 2
+    assert main([*args, "--opt", "questions=3", "--opt", store]) == 2  # a store needs cv=0
     assert not (tmp_path / "bad.json").exists()
 
 
