@@ -10,7 +10,7 @@ mkdir -p "$out"
 # The default's curve: per-slot offsets from a sweep over the first dev questions (the shipped store's
 # count; questions already in the store are read from it, not probed again).
 "$py" -m rerank.calibrate --config configs/fit-curve-nacal.yaml --data-dir "$data" --out "$out/smollm2-135m-nacal.json" \
-  --equalise-questions "${EQUALISE_QUESTIONS:-60}" --sweep-store calibration/curves/smollm2-135m-nacal.sweep.npz
+  --equalise-questions "${EQUALISE_QUESTIONS:-209}" --sweep-store calibration/curves/smollm2-135m-nacal.sweep.npz
 "$py" -m eval position --data-dir "$data" --output "$out/position.json" \
   --opt curve_raw="$out/smollm2-135m-raw.json" --opt curve_nacal="$out/smollm2-135m-nacal.json"
 "$py" -m eval qa --data-dir "$data" --output "$out/qa.json" --opt batch_size=32 \
