@@ -168,6 +168,7 @@ def sweep_scores(
     cache_dir: Path,
     store: Path | None = None,
     desc: str = "calibrate sweep",
+    store_dtype: str | None = None,
 ) -> np.ndarray:
     """Scores (questions, slot of the gold passage, prompt slot) of 20-passage lists of ``items``.
 
@@ -176,14 +177,29 @@ def sweep_scores(
     scores by question id (a few KB per question, against minutes of passes each): questions found
     there are not probed again, and the store is rewritten with the new ones added. It is refused if it
     was made with another model, dtype, layer band, score kind, template or passage cap.
+
+    ``store_dtype`` reads a store made in another dtype than the model's (everything else the same):
+    its rows stand in for this dtype's, read only. It must then hold every question of ``items``, since
+    a missing one would be probed in the model's dtype and mix two kinds of rows.
     """
     from eval.probe_stats import ProbeJob, collect
     from rerank.calibrators import ScoreSettings
 
     n = SWEEP_LENGTH
     meta = sweep_meta(reranker)
+    foreign = store_dtype is not None and store_dtype != meta["dtype"]
+    if foreign and store is None:
+        raise ValueError("a sweep in another dtype is read from a store: give its path")
+    if foreign:
+        meta = {**meta, "dtype": store_dtype}
     known = load_sweep_store(store, meta) if store is not None else {}
     todo = [it for it in items if it.qid not in known]
+    if foreign and todo:
+        raise ValueError(
+            f"sweep store {store} holds {len(items) - len(todo)} of the {len(items)} questions, in "
+            f"{store_dtype}; the model runs in {reranker.model.dtype}, so the missing ones are not probed "
+            "here: fill the store in its own dtype first, or sweep fewer questions"
+        )
     jobs = [
         ProbeJob(f"{it.qid}:{g}", it.question, tuple(it.with_gold_at(g, n))) for it in todo for g in range(n)
     ]
@@ -269,6 +285,7 @@ def fit_for(
     equalise_questions: int = 0,
     cache_dir: Path | None = None,
     sweep_store: Path | None = None,
+    sweep_dtype: str | None = None,
 ) -> tuple[BiasCurve, dict[str, Any]]:
     """Fit a curve for ``cfg`` (its model, probe settings and calibrator's score kind).
 
@@ -276,7 +293,8 @@ def fit_for(
     remaining quarter is refitted on all lists and returned. With ``equalise_questions`` > 0, a sweep
     over that many further dev questions (cached in ``cache_dir``, stored in ``sweep_store``: see
     :func:`sweep_scores`) decides instead, by cross-validation, both the form and the per-slot offsets
-    (see :func:`choose_by_sweep`).
+    (see :func:`choose_by_sweep`). ``sweep_dtype``: the store's rows were made in that dtype, not the
+    model's (see :func:`sweep_scores`); the fitting lists are still probed in the model's own dtype.
     """
     from eval.nq import load_nq
     from rerank.model import load_model
@@ -293,6 +311,8 @@ def fit_for(
     rr = AttentionReranker(model, cfg.probe, CalibrationConfig(name=base))
     rr_meta = rr.probe_meta()
     _, dev = load_nq(data_dir)
+    if sweep_dtype and not equalise_questions:
+        raise ValueError("--sweep-dtype names the dtype of a sweep: add --equalise-questions")
     if equalise_questions < 0 or equalise_questions + min(n_lists, 1) > len(dev):
         raise ValueError(f"equalise_questions must be 0..{len(dev) - 1}, got {equalise_questions}")
     # The sweep takes the first dev questions, the fitting lists the others.
@@ -322,12 +342,16 @@ def fit_for(
     if equalise_questions:
         from rerank.model import default_cache_dir
 
-        sweep = sweep_scores(rr, sweep_items, cache_dir or default_cache_dir() / "passes", sweep_store)
+        passes = cache_dir or default_cache_dir() / "passes"
+        sweep = sweep_scores(rr, sweep_items, passes, sweep_store, store_dtype=sweep_dtype)
         (best, shape), table = choose_by_sweep(scored, sweep, usable)
         meta["fit"]["data"] += (
             f"; a sweep over {equalise_questions} more dev questions, gold passage at each of "
             f"{SWEEP_LENGTH} slots"
         )
+        if sweep_dtype and sweep_dtype != rr_meta["dtype"]:
+            meta["fit"]["data"] += f" (the sweep's scores from {sweep_dtype} passes)"
+            meta["fit"]["sweep_dtype"] = sweep_dtype
         meta["fit"]["sweep_choice"] = {"folds": min(SWEEP_FOLDS, equalise_questions), "candidates": table}
         curve = _fit_shape(scored, sweep, best, shape, meta=meta, n_bootstrap=200)
         report.update(mode=best, offset_shape=shape, sweep_choice=table)
@@ -424,6 +448,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ones are added (refused if made with other model or probe settings)",
     )
     ap.add_argument(
+        "--sweep-dtype",
+        choices=("bfloat16", "float16", "float32"),
+        help="the --sweep-store was made in this dtype, not the model's: its rows are used as they are "
+        "(it must hold every swept question); for a dtype too slow to sweep on this machine",
+    )
+    ap.add_argument(
         "--dtype",
         choices=("auto", "bfloat16", "float16", "float32"),
         help="override model.dtype: a curve holds for the dtype it was fitted in (default: the config's)",
@@ -441,6 +471,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             equalise_questions=args.equalise_questions,
             cache_dir=args.cache_dir,
             sweep_store=args.sweep_store,
+            sweep_dtype=args.sweep_dtype,
         )
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -286,7 +286,7 @@ def test_bad_sweeps_and_knots_are_refused():
 @pytest.mark.slow
 def test_calibrate_command_chooses_offsets_on_a_dev_sweep(tmp_path, data_dir):
     """``--equalise-questions``: a sweep over dev questions, cached, and a cross-validated choice."""
-    from rerank.calibrate import OFFSET_SHAPES, main
+    from rerank.calibrate import OFFSET_SHAPES, main, save_sweep_store
 
     cfg = tmp_path / "fit.yaml"
     cfg.write_text(
@@ -318,6 +318,27 @@ def test_calibrate_command_chooses_offsets_on_a_dev_sweep(tmp_path, data_dir):
     assert main([*args[:3], str(again), *args[4:], "--sweep-store", str(store)]) == 0
     assert not list(cache.glob("*.npz")), "questions in the store must not be probed again"
     assert BiasCurve.load(again).offset == curve.offset
+    # A store made in another dtype (here the same rows, relabelled bfloat16) is refused without
+    # --sweep-dtype, read as it is with it, and refused when it lacks a question (which would otherwise
+    # be probed in the model's dtype).
+    with np.load(store) as z:
+        meta, rows = json.loads(str(z["meta"])), dict(zip(z["qids"].tolist(), z["scores"], strict=True))
+    bf16 = tmp_path / "sweep-bf16.npz"
+    save_sweep_store(bf16, {**meta, "dtype": "bfloat16"}, rows)
+    other = tmp_path / "other.json"
+    refit = [*args[:3], str(other), *args[4:], "--sweep-store", str(bf16)]
+    assert main(refit) == 2
+    assert main([*refit, "--sweep-dtype", "bfloat16"]) == 0
+    assert not list(cache.glob("*.npz")), "a store in another dtype is read, never probed into"
+    moved = BiasCurve.load(other)
+    assert moved.meta["dtype"] == "float32" and moved.meta["fit"]["sweep_dtype"] == "bfloat16"
+    assert "from bfloat16 passes" in moved.meta["fit"]["data"]
+    assert moved.offset == curve.offset
+    save_sweep_store(bf16, {**meta, "dtype": "bfloat16"}, dict(list(rows.items())[:1]))
+    assert main([*refit, "--sweep-dtype", "bfloat16"]) == 2
+    assert not list(cache.glob("*.npz"))
+    no_sweep = [*args[:8], "--data-dir", str(data_dir), "--sweep-dtype", "bfloat16"]
+    assert main(no_sweep) == 2, "--sweep-dtype names the dtype of a sweep"
     with pytest.raises(SystemExit):
         main([*args[:-4], "--equalise-questions", "x"])
 
