@@ -305,18 +305,25 @@ def fit_for(
             f"calibration.name is '{cfg.calibration.name}'; set it to 'curve' or 'curve+content-free' "
             "to fit a curve"
         )
+    if sweep_dtype and not equalise_questions:
+        raise ValueError("--sweep-dtype names the dtype of a sweep: add --equalise-questions")
     model = model or load_model(cfg.model)
     # Probe with the same settings but without a curve (the one being fitted).
     base = "content-free" if cfg.calibration.name == "curve+content-free" else "none"
     rr = AttentionReranker(model, cfg.probe, CalibrationConfig(name=base))
     rr_meta = rr.probe_meta()
     _, dev = load_nq(data_dir)
-    if sweep_dtype and not equalise_questions:
-        raise ValueError("--sweep-dtype names the dtype of a sweep: add --equalise-questions")
     if equalise_questions < 0 or equalise_questions + min(n_lists, 1) > len(dev):
         raise ValueError(f"equalise_questions must be 0..{len(dev) - 1}, got {equalise_questions}")
     # The sweep takes the first dev questions, the fitting lists the others.
     sweep_items, list_items = dev[:equalise_questions], dev[equalise_questions:]
+    if equalise_questions:
+        from rerank.model import default_cache_dir
+
+        # Before the fitting lists, so that a store refused for its settings or its missing questions
+        # stops the fit before the lists' passes (minutes to an hour) rather than after them.
+        passes = cache_dir or default_cache_dir() / "passes"
+        sweep = sweep_scores(rr, sweep_items, passes, sweep_store, store_dtype=sweep_dtype)
     lists = fitting_lists(list_items, n_lists)
     scored = score_lists(rr, lists)
     cut = len(scored) * 3 // 4
@@ -340,10 +347,6 @@ def fit_for(
         },
     }
     if equalise_questions:
-        from rerank.model import default_cache_dir
-
-        passes = cache_dir or default_cache_dir() / "passes"
-        sweep = sweep_scores(rr, sweep_items, passes, sweep_store, store_dtype=sweep_dtype)
         (best, shape), table = choose_by_sweep(scored, sweep, usable)
         meta["fit"]["data"] += (
             f"; a sweep over {equalise_questions} more dev questions, gold passage at each of "
