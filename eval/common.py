@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import logging
+import math
 import os
 import platform
 import random
@@ -305,11 +306,33 @@ def load_curve(
     return load_matching_curve(list(names), meta, keys)
 
 
+def _json_safe(value: Any, where: str, bad: list[str]) -> Any:
+    """``value`` with every NaN or infinite float replaced by None; their places are added to ``bad``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        bad.append(where)
+        return None
+    if isinstance(value, Mapping):
+        return {k: _json_safe(v, f"{where}.{k}", bad) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v, f"{where}[{i}]", bad) for i, v in enumerate(value)]
+    return value
+
+
 def write_json(path: str | Path, data: Any) -> Path:
-    """Write ``data`` as indented JSON, creating parent folders; returns the path."""
+    """Write ``data`` as indented JSON, creating parent folders; returns the path.
+
+    JSON has no NaN: a non-finite float is written as null, with a warning naming where it was, rather
+    than as the ``NaN`` token that strict readers refuse (or by failing, which would lose the run).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    bad: list[str] = []
+    data = _json_safe(data, "", bad)
+    if bad:
+        logger.warning(
+            "%s: not a finite number, written as null: %s", path, ", ".join(b.lstrip(".") for b in bad)
+        )
+    path.write_text(json.dumps(data, indent=2, sort_keys=False, allow_nan=False) + "\n", encoding="utf-8")
     return path
 
 

@@ -109,14 +109,17 @@ def merge_parts(parts: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
             raise SuiteError(f"{p1} (from question {s1}) {what} {p0} (to question {e0})")
     total = sum(e - s for s, e, _, _ in ranged)
     systems: dict[str, dict[str, Any]] = {}
-    for name, s in ref["systems"].items():
+    for name in ref["systems"]:
         out: dict[str, Any] = {}
-        for key, value in s.items():
+        keys = dict.fromkeys(k for *_, p in ranged for k in p["systems"][name])
+        for key in keys:
             if _is_mean(key):
-                w = sum((e - st) * p["systems"][name][key] for st, e, _, p in ranged)
-                out[key] = round(w / total, 4)
+                # A part run without timing (position's timing_lists=0) has no seconds: the mean is
+                # over the parts that were timed.
+                have = [(e - st, p["systems"][name]) for st, e, _, p in ranged if key in p["systems"][name]]
+                out[key] = round(sum(w * v[key] for w, v in have) / sum(w for w, _ in have), 4)
             else:
-                out[key] = value
+                out[key] = next(p["systems"][name][key] for *_, p in ranged if key in p["systems"][name])
         systems[name] = out
     per_question = None
     if suite == "position":
@@ -180,7 +183,7 @@ def _position_recompute(
             for key in NULL_KEYS:
                 out.pop(key, None)
     raw, curve = systems.get("probe-raw", {}), systems.get("probe-curve", {})
-    if raw.get("seconds_per_query") and "time_ratio_vs_raw" in curve:
+    if raw.get("seconds_per_query") and curve.get("seconds_per_query"):
         curve["time_ratio_vs_raw"] = round(curve["seconds_per_query"] / raw["seconds_per_query"], 4)
     return merged
 

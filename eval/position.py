@@ -31,7 +31,8 @@ run can be merged exactly (``python -m eval.merge``).
 Options (``--opt``): ``questions=N`` (default 300; quick 4), ``config=PATH`` (probe settings; default
 configs/default.yaml), ``curve_raw=PATHS`` and ``curve_nacal=PATHS`` (comma-separated candidates, the
 first fitted for the loaded model's dtype is used; defaults: the shipped raw curves and the config's
-curves), ``timing_lists=N`` (default 20),
+curves), ``timing_lists=N`` (default 20; 0 leaves the timing keys out, for a run that only fills a
+store),
 ``passage_max_tokens=N`` (default the config's, 300; quick 32, which cuts most NQ passages; a quick
 run also reads layers up to the config's last only, so probe-cv's grid keeps the bands ending there),
 ``fresh_from=K``: also summarise every system over test questions ``K`` onwards only (``fresh``), for
@@ -403,21 +404,11 @@ def run(args: Namespace) -> dict[str, Any]:
             t0 = time.perf_counter()
             rr.rerank(it.question, passages)
             times[name].append(time.perf_counter() - t0)
-    for name, t in times.items():
-        systems[name]["seconds_per_query"] = round(float(np.median(t)), 4)
-    # probe-cv's variants need the N/A pass unless raw attention was chosen in most folds.
-    if chosen:
-        raw_picks = sum(c.startswith("raw/") for c in chosen)
-        timed_as = "probe-curve" if raw_picks * 2 > len(chosen) else "probe-curve+nacal"
-        systems["probe-cv"]["seconds_per_query"] = systems[timed_as]["seconds_per_query"]
-        systems["probe-cv"]["timed_as"] = timed_as  # type: ignore[assignment]
-    if FUSED in systems:
-        # Fusion is arithmetic on scores the probe already made: its time is the default's.
-        systems[FUSED]["seconds_per_query"] = systems["probe-curve+nacal"]["seconds_per_query"]
-        systems[FUSED]["timed_as"] = "probe-curve+nacal"  # type: ignore[assignment]
-    systems["probe-curve"]["time_ratio_vs_raw"] = round(
-        systems["probe-curve"]["seconds_per_query"] / systems["probe-raw"]["seconds_per_query"], 4
-    )
+    if n_t:
+        for name, t in times.items():
+            systems[name]["seconds_per_query"] = round(float(np.median(t)), 4)
+        _timed_like_the_default(systems, chosen)
+    # else (timing_lists=0, e.g. a run that only fills a store): no timing keys, rather than NaN.
     return {
         "dataset": f"nq-open-oracle test split ({len(test)} questions x {N} gold slots, 19 BM25 distractors)"
         + (f", questions {start}-{n_q - 1}" if start else ""),
@@ -446,3 +437,20 @@ def run(args: Namespace) -> dict[str, Any]:
             },
         },
     }
+
+
+def _timed_like_the_default(systems: dict[str, Any], chosen: list[str]) -> None:
+    """Seconds for the systems not timed on their own, and the curve's time ratio to raw."""
+    # probe-cv's variants need the N/A pass unless raw attention was chosen in most folds.
+    if chosen:
+        raw_picks = sum(c.startswith("raw/") for c in chosen)
+        timed_as = "probe-curve" if raw_picks * 2 > len(chosen) else "probe-curve+nacal"
+        systems["probe-cv"]["seconds_per_query"] = systems[timed_as]["seconds_per_query"]
+        systems["probe-cv"]["timed_as"] = timed_as
+    if FUSED in systems:
+        # Fusion is arithmetic on scores the probe already made: its time is the default's.
+        systems[FUSED]["seconds_per_query"] = systems["probe-curve+nacal"]["seconds_per_query"]
+        systems[FUSED]["timed_as"] = "probe-curve+nacal"
+    systems["probe-curve"]["time_ratio_vs_raw"] = round(
+        systems["probe-curve"]["seconds_per_query"] / systems["probe-raw"]["seconds_per_query"], 4
+    )

@@ -161,3 +161,26 @@ def test_position_parts_merge_to_the_summary_of_all_their_questions() -> None:
     assert raw["bin_spread"] == pytest.approx(max(bins) - min(bins), abs=1e-4)
     assert raw["recall@1"] == pytest.approx(float((ranks["probe-raw"] == 1).mean()), abs=1e-4)
     assert "bin_spread_null_p95" not in raw and "per_question" not in m
+
+
+def test_an_untimed_position_part_leaves_the_seconds_to_the_timed_ones() -> None:
+    rng = np.random.default_rng(1)
+    ranks = {"probe-raw": rng.integers(1, 4, (10, N)), "probe-curve": rng.integers(1, 3, (10, N))}
+    # An untimed part (timing_lists=0, a run that only filled a store) first, so it is the reference.
+    a = _position_part(0, {k: v[:6] for k, v in ranks.items()}, secs=0.0)
+    for s in a["systems"].values():
+        s.pop("seconds_per_query")
+        s.pop("time_ratio_vs_raw", None)
+    a["config"]["timing_lists"] = 0
+    b = _position_part(6, {k: v[6:] for k, v in ranks.items()}, secs=4.0)
+    b["systems"]["probe-curve"]["seconds_per_query"] = 3.0
+    m = merge_parts([("a.json", a), ("b.json", b)])
+    assert m["systems"]["probe-raw"]["seconds_per_query"] == 4.0
+    assert m["systems"]["probe-curve"]["time_ratio_vs_raw"] == 0.75
+    whole = summarize({p: list(ranks["probe-raw"][:, p]) for p in range(N)})
+    assert m["systems"]["probe-raw"]["recall@1"] == whole["recall@1"]
+    # Two untimed parts: no seconds at all, and no NaN in their place.
+    b = copy.deepcopy(a)
+    b.update(questions={"start": 6, "stop": 10})
+    m = merge_parts([("a.json", a), ("b.json", b)])
+    assert all("seconds_per_query" not in s for s in m["systems"].values())

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from eval.__main__ import main
-from eval.common import QUICK_PASSAGE_TOKENS
+from eval.common import QUICK_PASSAGE_TOKENS, write_json
 from eval.heads import DEFAULT_WEIGHTS
 from eval.merge import merge_parts
 from eval.position import FUSED
@@ -168,8 +168,10 @@ def test_position_suite(data_dir: Path, tmp_path: Path, smol_model, monkeypatch:
         raise AssertionError("a stored question was probed again")
 
     monkeypatch.setattr(eval.probe_stats, "collect", no_pass)
-    again = _run("position", data_dir, tmp_path, "questions=3", "timing_lists=1", "cv=0", store)
+    # timing_lists=0 (a run that only fills or reads a store) leaves the timing keys out, not NaN.
+    again = _run("position", data_dir, tmp_path, "questions=3", "timing_lists=0", "cv=0", store)
     assert again["per_question"] == no_cv["per_question"]
+    assert not any("seconds" in k or "time" in k for s in again["systems"].values() for k in s)
     monkeypatch.undo()
     # Merged with a part over the first two questions, it gives the full run's figures, the bin spread's
     # position-blind null included (recomputed from the parts' per-question ranks, not averaged).
@@ -340,3 +342,16 @@ def test_dl19_hybrid_first_stage_follows_the_retriever_config(data_dir: Path) ->
     # Cosines equal to float precision may swap; the ranking must agree elsewhere.
     assert sum(a != b for a, b in zip(got, expected, strict=True)) <= 2
     assert [p.id for p in equal["passages"]] not in ([p.id for p in q["passages"]], got)
+
+
+def test_results_are_strict_json_with_non_finite_numbers_as_null(tmp_path: Path, caplog) -> None:
+    data = {"systems": {"a": {"recall@1": 0.5, "seconds_per_query": float("nan")}}, "xs": [1.0, float("inf")]}
+    path = write_json(tmp_path / "r.json", data)
+
+    def refuse(token: str) -> None:
+        raise ValueError(token)
+
+    got = json.loads(path.read_text(encoding="utf-8"), parse_constant=refuse)
+    assert got == {"systems": {"a": {"recall@1": 0.5, "seconds_per_query": None}}, "xs": [1.0, None]}
+    assert "systems.a.seconds_per_query, xs[1]" in caplog.text
+    assert data["xs"][1] == float("inf")  # the caller's object is left as it was
