@@ -110,16 +110,17 @@ def merge_parts(parts: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
     total = sum(e - s for s, e, _, _ in ranged)
     systems: dict[str, dict[str, Any]] = {}
     for name in ref["systems"]:
+        # (questions, figures) of each part, in question order.
+        figs = [(e - st, p["systems"][name]) for st, e, _, p in ranged]
         out: dict[str, Any] = {}
-        keys = dict.fromkeys(k for *_, p in ranged for k in p["systems"][name])
-        for key in keys:
+        for key in dict.fromkeys(k for _, f in figs for k in f):
+            # A part run without timing (position's timing_lists=0) has no seconds: the mean is over
+            # the parts that have the key, and any other value is the first part's that has it.
+            have = [(w, f[key]) for w, f in figs if key in f]
             if _is_mean(key):
-                # A part run without timing (position's timing_lists=0) has no seconds: the mean is
-                # over the parts that were timed.
-                have = [(e - st, p["systems"][name]) for st, e, _, p in ranged if key in p["systems"][name]]
-                out[key] = round(sum(w * v[key] for w, v in have) / sum(w for w, _ in have), 4)
+                out[key] = round(sum(w * v for w, v in have) / sum(w for w, _ in have), 4)
             else:
-                out[key] = next(p["systems"][name][key] for *_, p in ranged if key in p["systems"][name])
+                out[key] = have[0][1]
         systems[name] = out
     per_question = None
     if suite == "position":
