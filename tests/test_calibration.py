@@ -251,6 +251,26 @@ def test_offsets_even_out_recall_over_slots_on_held_out_questions(knots):
     assert not curve.offset, "equalise returns a copy; the fitted curve keeps no offsets"
 
 
+def test_sweep_choice_measures_each_candidate_on_held_out_halves():
+    """The form and offset shape are chosen on halves of the sweep the candidate was not fitted on."""
+    from rerank.calibrate import OFFSET_SHAPES, choose_by_sweep
+
+    sweep = _weak_first_slot_sweep(40, 2)
+    scored = [(row[g], g) for row in _weak_first_slot_sweep(6, 3) for g in range(20)]
+    (mode, shape), table = choose_by_sweep(scored, sweep, ["subtractive", "zscore"], splits=6)
+    assert set(table) == {f"{m}/{k}" for m in ("subtractive", "zscore") for k in OFFSET_SHAPES}
+    for row in table.values():
+        assert 0 <= row["bin_spread"] <= row["bin_spread_p90"] + 1e-9 <= 1 + 1e-9
+        assert row["objective"] == pytest.approx(row["recall@1"] - row["bin_spread"], abs=2e-4)
+    best = table[f"{mode}/{shape}"]
+    assert best["objective"] == max(r["objective"] for r in table.values())
+    # The weak first slot needs offsets: every curve without them leaves a wider held-out spread.
+    assert shape != "none"
+    assert best["bin_spread"] < min(table[f"{m}/none"]["bin_spread"] for m in ("subtractive", "zscore"))
+    with pytest.raises(ValueError, match="at least 2"):
+        choose_by_sweep(scored, sweep[:1], ["subtractive"])
+
+
 def test_offsets_survive_a_round_trip_and_older_files_still_load(tmp_path):
     from calibration.curve import equalise
 
@@ -318,6 +338,29 @@ def test_calibrate_command_chooses_offsets_on_a_dev_sweep(tmp_path, data_dir):
     assert main([*args[:3], str(again), *args[4:], "--sweep-store", str(store)]) == 0
     assert not list(cache.glob("*.npz")), "questions in the store must not be probed again"
     assert BiasCurve.load(again).offset == curve.offset
+    # --lists-store keeps the fitting lists' scores: a refit reads them (altered here, so that reading
+    # shows in the curve) instead of probing, and a store of other lists is refused.
+    from rerank.calibrate import load_lists_store, save_lists_store
+
+    lists_store = tmp_path / "lists.npz"
+    stored = [*args[:3], str(tmp_path / "stored.json"), *args[4:], "--sweep-store", str(store)]
+    assert main([*stored, "--lists-store", str(lists_store)]) == 0
+    first = BiasCurve.load(tmp_path / "stored.json")
+    assert first.mean.keys() == curve.mean.keys()
+    with np.load(lists_store) as z:
+        meta = json.loads(str(z["meta"]))
+        lists = list(
+            zip(z["questions"].tolist(), [[0] * n for n in z["lengths"]], z["gold"].tolist(), strict=True)
+        )
+        assert len(lists) == 16 and z["scores"].shape == (16, 20)
+    scored = load_lists_store(lists_store, meta, lists)
+    save_lists_store(lists_store, meta, lists, [(s[::-1].copy(), g) for s, g in scored])
+    assert main([*stored, "--lists-store", str(lists_store)]) == 0
+    flipped = BiasCurve.load(tmp_path / "stored.json")
+    assert not np.allclose(flipped.mean[5], first.mean[5]), "the altered store was read"
+    assert main([*stored, "--lists-store", str(lists_store), "--lists", "12"]) == 2
+    with pytest.raises(ValueError, match="other settings"):
+        load_lists_store(lists_store, {**meta, "layers": [0, 5]}, lists)
     # A store made in another dtype (here the same rows, relabelled bfloat16) is refused without
     # --sweep-dtype, read as it is with it, and refused when it lacks a question (which would otherwise
     # be probed in the model's dtype).
@@ -380,3 +423,40 @@ def test_shipped_sweep_store_reproduces_the_default_curves_offset_fit(data_dir):
     per_slot = sweep_recall(corrected)
     assert round(float(per_slot.mean()), 4) == fitted["after"]["recall@1"]
     assert round(bin_spread(per_slot), 4) == fitted["after"]["bin_spread"]
+
+
+@pytest.mark.slow
+def test_shipped_fp32_curve_is_refitted_from_its_stores(tmp_path, data_dir):
+    """The fp32 curve the default applies is reproduced, without a pass, from the stores beside it: the
+    fitting lists' fp32 scores and the bf16 dev sweep (copied, so that nothing in the repository is
+    rewritten)."""
+    import shutil
+
+    from rerank.calibrate import fit_for
+    from rerank.config import load_config
+
+    curves = REPO / "calibration" / "curves"
+    shipped = BiasCurve.load(curves / "smollm2-135m-nacal-fp32.json")
+    fit = shipped.meta["fit"]
+    stores = {}
+    for name in ("smollm2-135m-nacal.sweep.npz", "smollm2-135m-nacal-fp32.lists.npz"):
+        stores[name] = tmp_path / name
+        shutil.copy(curves / name, stores[name])
+    cfg = load_config(REPO / "configs" / "fit-curve-nacal.yaml")
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"dtype": "float32"})})
+    curve, report = fit_for(
+        cfg,
+        data_dir,
+        equalise_questions=fit["offset"]["questions"],
+        cache_dir=tmp_path / "passes",
+        sweep_store=stores["smollm2-135m-nacal.sweep.npz"],
+        sweep_dtype=fit["sweep_dtype"],
+        lists_store=stores["smollm2-135m-nacal-fp32.lists.npz"],
+    )
+    assert not (tmp_path / "passes").exists(), "everything is read from the stores"
+    assert (curve.mode, report["offset_shape"]) == (shipped.mode, fit["offset"]["shape"])
+    assert report["sweep_choice"] == fit["sweep_choice"]["candidates"]
+    for n in shipped.lengths:
+        np.testing.assert_allclose(curve.mean[n], shipped.mean[n], atol=1e-6)
+        np.testing.assert_allclose(curve.sd[n], shipped.sd[n], atol=1e-6)
+    np.testing.assert_allclose(curve.offsets(20), shipped.offsets(20), atol=1e-6)
