@@ -230,6 +230,7 @@ def sweep_scores(
     store: Path | None = None,
     desc: str = "calibrate sweep",
     store_dtype: str | None = None,
+    native_store: Path | None = None,
 ) -> np.ndarray:
     """Scores (questions, slot of the gold passage, prompt slot) of 20-passage lists of ``items``.
 
@@ -240,8 +241,11 @@ def sweep_scores(
     was made with another model, dtype, layer band, score kind, template or passage cap.
 
     ``store_dtype`` reads a store made in another dtype than the model's (everything else the same):
-    its rows stand in for this dtype's, read only. It must then hold every question of ``items``, since
-    a missing one would be probed in the model's dtype and mix two kinds of rows.
+    its rows stand in for this dtype's, read only. It must then hold every question of ``items`` (a
+    missing one would be probed in the model's dtype and mix two kinds of rows), unless ``native_store``
+    is given: a store in the model's own dtype, whose rows take precedence, and into which questions
+    neither store holds are probed. The two kinds of rows are then mixed on purpose, and the caller
+    records how many of each (:func:`sweep_dtype_counts`).
     """
     from eval.probe_stats import ProbeJob, collect
     from rerank.calibrators import ScoreSettings
@@ -251,11 +255,18 @@ def sweep_scores(
     foreign = store_dtype is not None and store_dtype != meta["dtype"]
     if foreign and store is None:
         raise ValueError("a sweep in another dtype is read from a store: give its path")
+    if native_store is not None and not foreign:
+        raise ValueError("a native sweep store goes with a store in another dtype (--sweep-dtype)")
+    native_meta = meta
     if foreign:
         meta = {**meta, "dtype": store_dtype}
     known = load_sweep_store(store, meta) if store is not None else {}
+    own: dict[str, np.ndarray] = {}
+    if native_store is not None:
+        own = load_sweep_store(native_store, native_meta)
+        known.update(own)
     todo = [it for it in items if it.qid not in known]
-    if foreign and todo:
+    if foreign and native_store is None and todo:
         raise ValueError(
             f"sweep store {store} holds {len(items) - len(todo)} of the {len(items)} questions, in "
             f"{store_dtype}; the model runs in {reranker.model.dtype}, so the missing ones are not probed "
@@ -277,11 +288,27 @@ def sweep_scores(
             desc=desc,
         )
         settings = ScoreSettings.of(cfg)
-        known.update(sweep_rows(stats, todo, settings, settings.kind(reranker.calibrator.score_kind)))
-        if store is not None:
+        fresh = sweep_rows(stats, todo, settings, settings.kind(reranker.calibrator.score_kind))
+        known.update(fresh)
+        if native_store is not None:
+            save_sweep_store(native_store, native_meta, {**own, **fresh})
+        elif store is not None:
             save_sweep_store(store, meta, known)
     # float32 whether stored or fresh, so a fit does not depend on which questions came from the store
     return np.array([known[it.qid] for it in items], dtype=np.float64)
+
+
+def sweep_dtype_counts(
+    items: Sequence[Any], model_dtype: str, store_dtype: str, native_store: Path | None
+) -> dict[str, int]:
+    """How many of ``items``' sweep rows come from each dtype when a store in ``store_dtype`` is read
+    beside ``native_store`` (rows in the model's own dtype, which take precedence)."""
+    own = set()
+    if native_store is not None and native_store.is_file():
+        with np.load(native_store, allow_pickle=False) as z:
+            own = set(z["qids"].tolist())
+    n_own = sum(it.qid in own for it in items)
+    return {d: c for d, c in ((model_dtype, n_own), (store_dtype, len(items) - n_own)) if c}
 
 
 def _fit_shape(
@@ -361,6 +388,7 @@ def fit_for(
     sweep_store: Path | None = None,
     sweep_dtype: str | None = None,
     lists_store: Path | None = None,
+    native_sweep_store: Path | None = None,
 ) -> tuple[BiasCurve, dict[str, Any]]:
     """Fit a curve for ``cfg`` (its model, probe settings and calibrator's score kind).
 
@@ -370,8 +398,10 @@ def fit_for(
     :func:`sweep_scores`) decides instead, on half splits of its questions, both the form and the
     per-slot offsets (see :func:`choose_by_sweep`). ``sweep_dtype``: the store's rows were made in that
     dtype, not the model's (see :func:`sweep_scores`); the fitting lists are still probed in the model's
-    own dtype. ``lists_store``: an ``.npz`` of the fitting lists' scores, read if it holds these lists
-    with these settings, else written after probing them (a refit then costs seconds, not an hour).
+    own dtype; ``native_sweep_store``, a store in the model's dtype beside it, takes precedence and
+    receives the questions neither holds. ``lists_store``: an ``.npz`` of the fitting lists' scores,
+    read if it holds these lists with these settings, else written after probing them (a refit then
+    costs seconds, not an hour).
     """
     from eval.nq import load_nq
     from rerank.model import load_model
@@ -384,6 +414,10 @@ def fit_for(
         )
     if sweep_dtype and not equalise_questions:
         raise ValueError("--sweep-dtype names the dtype of a sweep: add --equalise-questions")
+    if native_sweep_store is not None and not sweep_dtype:
+        raise ValueError(
+            "--native-sweep-store goes beside a --sweep-store in another dtype: add --sweep-dtype"
+        )
     model = model or load_model(cfg.model)
     # Probe with the same settings but without a curve (the one being fitted).
     base = "content-free" if cfg.calibration.name == "curve+content-free" else "none"
@@ -400,7 +434,9 @@ def fit_for(
         # Before the fitting lists, so that a store refused for its settings or its missing questions
         # stops the fit before the lists' passes (minutes to an hour) rather than after them.
         passes = cache_dir or default_cache_dir() / "passes"
-        sweep = sweep_scores(rr, sweep_items, passes, sweep_store, store_dtype=sweep_dtype)
+        sweep = sweep_scores(
+            rr, sweep_items, passes, sweep_store, store_dtype=sweep_dtype, native_store=native_sweep_store
+        )
     lists = fitting_lists(list_items, n_lists)
     store_meta = sweep_meta(rr)
     scored = load_lists_store(lists_store, store_meta, lists) if lists_store is not None else None
@@ -435,8 +471,17 @@ def fit_for(
             f"{SWEEP_LENGTH} slots"
         )
         if sweep_dtype and sweep_dtype != rr_meta["dtype"]:
-            meta["fit"]["data"] += f" (the sweep's scores from {sweep_dtype} passes)"
-            meta["fit"]["sweep_dtype"] = sweep_dtype
+            counts = sweep_dtype_counts(sweep_items, rr_meta["dtype"], sweep_dtype, native_sweep_store)
+            meta["fit"]["sweep_dtypes"] = counts
+            if sweep_dtype in counts:
+                meta["fit"]["sweep_dtype"] = sweep_dtype
+                meta["fit"]["data"] += f" (the sweep's scores from {sweep_dtype} passes"
+                if len(counts) > 1:
+                    meta["fit"]["data"] += (
+                        f" for {counts[sweep_dtype]} questions and from {rr_meta['dtype']} passes for "
+                        f"{counts[rr_meta['dtype']]}"
+                    )
+                meta["fit"]["data"] += ")"
         meta["fit"]["sweep_choice"] = {
             "protocol": f"{SWEEP_SPLITS} half splits of the sweep's questions: "
             "fitted on one half, measured on the other",
@@ -537,6 +582,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ones are added (refused if made with other model or probe settings)",
     )
     ap.add_argument(
+        "--native-sweep-store",
+        type=Path,
+        help="with --sweep-dtype: a sweep store in the model's own dtype; its rows take precedence over "
+        "the --sweep-store's, and questions neither holds are probed into it",
+    )
+    ap.add_argument(
         "--lists-store",
         type=Path,
         help="an .npz of the fitting lists' scores: read if it holds the same lists made with the same "
@@ -568,6 +619,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             sweep_store=args.sweep_store,
             sweep_dtype=args.sweep_dtype,
             lists_store=args.lists_store,
+            native_sweep_store=args.native_sweep_store,
         )
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

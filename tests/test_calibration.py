@@ -380,6 +380,29 @@ def test_calibrate_command_chooses_offsets_on_a_dev_sweep(tmp_path, data_dir):
     save_sweep_store(bf16, {**meta, "dtype": "bfloat16"}, dict(list(rows.items())[:1]))
     assert main([*refit, "--sweep-dtype", "bfloat16"]) == 2
     assert not list(cache.glob("*.npz"))
+    # Beside a store in the model's own dtype, the question the bf16 store lacks is probed into it, and
+    # the curve records how many rows came from each dtype.
+    native = tmp_path / "sweep-fp32.npz"
+    mixed = [*refit, "--sweep-dtype", "bfloat16", "--native-sweep-store", str(native)]
+    assert main(mixed) == 0
+    assert len(list(cache.glob("*.npz"))) == 20, "only the missing question is probed"
+    with np.load(native) as z:
+        assert z["qids"].tolist() == list(rows)[1:] and json.loads(str(z["meta"]))["dtype"] == "float32"
+    fit = BiasCurve.load(other).meta["fit"]
+    assert fit["sweep_dtypes"] == {"bfloat16": 1, "float32": 1}
+    assert "bfloat16 passes for 1 questions and from float32 passes for 1" in fit["data"]
+    # Rows in the model's dtype take precedence: altered native rows for both questions change the fit,
+    # and nothing is probed.
+    for f in cache.glob("*.npz"):
+        f.unlink()
+    save_sweep_store(native, meta, {q: r[::-1, ::-1].copy() for q, r in rows.items()})
+    assert main(mixed) == 0
+    assert not list(cache.glob("*.npz"))
+    refitted = BiasCurve.load(other)
+    assert refitted.meta["fit"]["sweep_dtypes"] == {"float32": 2}
+    assert "sweep_dtype" not in refitted.meta["fit"] and "bfloat16" not in refitted.meta["fit"]["data"]
+    assert not np.allclose(refitted.mean[20], moved.mean[20])
+    assert main([*refit, "--native-sweep-store", str(native)]) == 2, "it goes with --sweep-dtype"
     no_sweep = [*args[:8], "--data-dir", str(data_dir), "--sweep-dtype", "bfloat16"]
     assert main(no_sweep) == 2, "--sweep-dtype names the dtype of a sweep"
     with pytest.raises(SystemExit):
@@ -428,8 +451,8 @@ def test_shipped_sweep_store_reproduces_the_default_curves_offset_fit(data_dir):
 @pytest.mark.slow
 def test_shipped_fp32_curve_is_refitted_from_its_stores(tmp_path, data_dir):
     """The fp32 curve the default applies is reproduced, without a pass, from the stores beside it: the
-    fitting lists' fp32 scores and the bf16 dev sweep (copied, so that nothing in the repository is
-    rewritten)."""
+    fitting lists' fp32 scores and the dev sweep's bf16 and fp32 rows (copied, so that nothing in the
+    repository is rewritten)."""
     import shutil
 
     from rerank.calibrate import fit_for
@@ -439,7 +462,11 @@ def test_shipped_fp32_curve_is_refitted_from_its_stores(tmp_path, data_dir):
     shipped = BiasCurve.load(curves / "smollm2-135m-nacal-fp32.json")
     fit = shipped.meta["fit"]
     stores = {}
-    for name in ("smollm2-135m-nacal.sweep.npz", "smollm2-135m-nacal-fp32.lists.npz"):
+    for name in (
+        "smollm2-135m-nacal.sweep.npz",
+        "smollm2-135m-nacal-fp32.sweep.npz",
+        "smollm2-135m-nacal-fp32.lists.npz",
+    ):
         stores[name] = tmp_path / name
         shutil.copy(curves / name, stores[name])
     cfg = load_config(REPO / "configs" / "fit-curve-nacal.yaml")
@@ -452,6 +479,7 @@ def test_shipped_fp32_curve_is_refitted_from_its_stores(tmp_path, data_dir):
         sweep_store=stores["smollm2-135m-nacal.sweep.npz"],
         sweep_dtype=fit["sweep_dtype"],
         lists_store=stores["smollm2-135m-nacal-fp32.lists.npz"],
+        native_sweep_store=stores["smollm2-135m-nacal-fp32.sweep.npz"] if "sweep_dtypes" in fit else None,
     )
     assert not (tmp_path / "passes").exists(), "everything is read from the stores"
     assert (curve.mode, report["offset_shape"]) == (shipped.mode, fit["offset"]["shape"])
