@@ -231,6 +231,7 @@ def sweep_scores(
     desc: str = "calibrate sweep",
     store_dtype: str | None = None,
     native_store: Path | None = None,
+    dtypes: dict[str, int] | None = None,
 ) -> np.ndarray:
     """Scores (questions, slot of the gold passage, prompt slot) of 20-passage lists of ``items``.
 
@@ -244,8 +245,8 @@ def sweep_scores(
     its rows stand in for this dtype's, read only. It must then hold every question of ``items`` (a
     missing one would be probed in the model's dtype and mix two kinds of rows), unless ``native_store``
     is given: a store in the model's own dtype, whose rows take precedence, and into which questions
-    neither store holds are probed. The two kinds of rows are then mixed on purpose, and the caller
-    records how many of each (:func:`sweep_dtype_counts`).
+    neither store holds are probed. The two kinds of rows are then mixed on purpose; ``dtypes``, if
+    given, is filled with how many of ``items``' rows came from each dtype, for the caller to record.
     """
     from eval.probe_stats import ProbeJob, collect
     from rerank.calibrators import ScoreSettings
@@ -294,21 +295,15 @@ def sweep_scores(
             save_sweep_store(native_store, native_meta, {**own, **fresh})
         elif store is not None:
             save_sweep_store(store, meta, known)
+    if dtypes is not None:
+        # Rows in the model's dtype: fresh ones and the native store's; the rest are the foreign store's.
+        probed = {it.qid for it in todo}
+        n_own = sum(not foreign or it.qid in own or it.qid in probed for it in items)
+        for d, c in ((native_meta["dtype"], n_own), (meta["dtype"], len(items) - n_own)):
+            if c:
+                dtypes[d] = c
     # float32 whether stored or fresh, so a fit does not depend on which questions came from the store
     return np.array([known[it.qid] for it in items], dtype=np.float64)
-
-
-def sweep_dtype_counts(
-    items: Sequence[Any], model_dtype: str, store_dtype: str, native_store: Path | None
-) -> dict[str, int]:
-    """How many of ``items``' sweep rows come from each dtype when a store in ``store_dtype`` is read
-    beside ``native_store`` (rows in the model's own dtype, which take precedence)."""
-    own = set()
-    if native_store is not None and native_store.is_file():
-        with np.load(native_store, allow_pickle=False) as z:
-            own = set(z["qids"].tolist())
-    n_own = sum(it.qid in own for it in items)
-    return {d: c for d, c in ((model_dtype, n_own), (store_dtype, len(items) - n_own)) if c}
 
 
 def _fit_shape(
@@ -434,8 +429,15 @@ def fit_for(
         # Before the fitting lists, so that a store refused for its settings or its missing questions
         # stops the fit before the lists' passes (minutes to an hour) rather than after them.
         passes = cache_dir or default_cache_dir() / "passes"
+        counts: dict[str, int] = {}
         sweep = sweep_scores(
-            rr, sweep_items, passes, sweep_store, store_dtype=sweep_dtype, native_store=native_sweep_store
+            rr,
+            sweep_items,
+            passes,
+            sweep_store,
+            store_dtype=sweep_dtype,
+            native_store=native_sweep_store,
+            dtypes=counts,
         )
     lists = fitting_lists(list_items, n_lists)
     store_meta = sweep_meta(rr)
@@ -471,7 +473,6 @@ def fit_for(
             f"{SWEEP_LENGTH} slots"
         )
         if sweep_dtype and sweep_dtype != rr_meta["dtype"]:
-            counts = sweep_dtype_counts(sweep_items, rr_meta["dtype"], sweep_dtype, native_sweep_store)
             meta["fit"]["sweep_dtypes"] = counts
             if sweep_dtype in counts:
                 meta["fit"]["sweep_dtype"] = sweep_dtype

@@ -483,6 +483,7 @@ def test_shipped_fp32_curve_is_refitted_from_its_stores(tmp_path, data_dir):
     )
     assert not (tmp_path / "passes").exists(), "everything is read from the stores"
     assert (curve.mode, report["offset_shape"]) == (shipped.mode, fit["offset"]["shape"])
+    assert curve.meta["fit"]["sweep_dtypes"] == fit["sweep_dtypes"]
     assert report["sweep_choice"] == fit["sweep_choice"]["candidates"]
     for n in shipped.lengths:
         np.testing.assert_allclose(curve.mean[n], shipped.mean[n], atol=1e-6)
