@@ -271,7 +271,8 @@ def sweep_scores(
         raise ValueError(
             f"sweep store {store} holds {len(items) - len(todo)} of the {len(items)} questions, in "
             f"{store_dtype}; the model runs in {reranker.model.dtype}, so the missing ones are not probed "
-            "here: fill the store in its own dtype first, or sweep fewer questions"
+            "into it: add --native-sweep-store PATH to probe them into a store in the model's own dtype, "
+            "fill the store in its own dtype first, or sweep fewer questions"
         )
     jobs = [
         ProbeJob(f"{it.qid}:{g}", it.question, tuple(it.with_gold_at(g, n))) for it in todo for g in range(n)

@@ -304,7 +304,7 @@ def test_bad_sweeps_and_knots_are_refused():
 
 
 @pytest.mark.slow
-def test_calibrate_command_chooses_offsets_on_a_dev_sweep(tmp_path, data_dir):
+def test_calibrate_command_chooses_offsets_on_a_dev_sweep(tmp_path, data_dir, capsys):
     """``--equalise-questions``: a sweep over dev questions, cached, and a cross-validated choice."""
     from rerank.calibrate import OFFSET_SHAPES, main, save_sweep_store
 
@@ -378,7 +378,9 @@ def test_calibrate_command_chooses_offsets_on_a_dev_sweep(tmp_path, data_dir):
     assert "from bfloat16 passes" in moved.meta["fit"]["data"]
     assert moved.offset == curve.offset
     save_sweep_store(bf16, {**meta, "dtype": "bfloat16"}, dict(list(rows.items())[:1]))
+    capsys.readouterr()
     assert main([*refit, "--sweep-dtype", "bfloat16"]) == 2
+    assert "holds 1 of the 2 questions" in (err := capsys.readouterr().err) and "--native-sweep-store" in err
     assert not list(cache.glob("*.npz"))
     # Beside a store in the model's own dtype, the question the bf16 store lacks is probed into it, and
     # the curve records how many rows came from each dtype.
