@@ -7,8 +7,9 @@ fusion weight ``w`` are chosen by 5-fold cross-validation on SciFact. The result
 configs/heads.yaml ships (the default until the position sweep chose a layer band with the bias curve;
 see docs/method.md); DL19 (the reported figure) plays no part in the choice.
 
-The fusion weight of the default configuration's score (its kind, layer band and bias curve, see
-``configs/default.yaml``) is chosen on SciFact too, for each first stage: systems ``default-w<W>`` on
+The fusion weight of the default configuration's score (its kind, layer band, bias curve and prompt
+order, see ``configs/default.yaml``; ``both`` adds passes in retriever order, stopped after the
+configuration's last layer) is chosen on SciFact too, for each first stage: systems ``default-w<W>`` on
 BM25's top-20 and ``default-w<W>-hybrid`` on the top-20 of the pipeline's hybrid retriever (BM25 and
 the dense encoder, fused as the configuration says), each fused with its own first stage's score, for
 each weight of ``DEFAULT_WEIGHTS``, beside the first stages alone (``bm25``, ``hybrid``).
@@ -31,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from eval.common import REPO_ROOT, SuiteError, check_opts, get_opt, passage_tokens, per_query_metric
-from rerank.reranker import fuse_first_stage
+from rerank.reranker import fuse_first_stage, prompt_orders, prompt_slots
 from rerank.scoring import PassageStats, passage_scores, zscore
 
 KS = (1, 2, 4, 8, 16, 32)
@@ -106,19 +107,28 @@ def choose(
 
 
 def default_scores(
-    queries: list[dict[str, Any]], stats: dict[str, PassageStats], rr: Any, settings: Any
+    queries: list[dict[str, Any]], stats_by_order: dict[str, dict[str, PassageStats]], rr: Any, settings: Any
 ) -> dict[str, np.ndarray]:
-    """The default configuration's z-scored score per query, in first-stage order, from the passes."""
+    """The default configuration's score per query, in first-stage order, from the passes.
+
+    As :meth:`AttentionReranker.score_window` reads a window: per prompt order, the calibrated scores
+    standardised; their mean over the orders (``prompt_order: both``), standardised again.
+    """
     base = {}
     for q in queries:
-        st = stats[f"{q['qid']}:0"]
-        _, s = rr.calibrator(st, range(st.num_passages), settings, rr.curve)
-        base[q["qid"]] = zscore(s[::-1])
+        per = []
+        for order, stats in stats_by_order.items():
+            st = stats[f"{q['qid']}:0"]
+            _, s = rr.calibrator(st, range(st.num_passages), settings, rr.curve)
+            c = np.empty(st.num_passages)
+            c[prompt_slots(st.num_passages, order)] = s
+            per.append(zscore(c))
+        base[q["qid"]] = zscore(np.mean(per, axis=0))
     return base
 
 
 def run(args: Namespace) -> dict[str, Any]:
-    from eval.scifact_stats import FIRST_STAGES, MAX_TOKENS, collect_scifact
+    from eval.scifact_stats import FIRST_STAGES, MAX_TOKENS, collect_scifact, scifact_passes
     from rerank.calibrators import ScoreSettings
     from rerank.config import load_config
     from rerank.model import load_model
@@ -145,11 +155,12 @@ def run(args: Namespace) -> dict[str, Any]:
         "probe-heads-cv": {"ndcg@10": round(res["cv_ndcg@10"][(res["k"], res["w"])], 4)},
         "best-single-head": {"ndcg@10": round(float(res["head_merit"][best_single]), 4)},
     }
-    # The default configuration's score, read from passes over each first stage's top-20 (prompt order
-    # is reversed first-stage order), fused with that first stage's score at each weight.
+    # The default configuration's score, read from passes over each first stage's top-20 in each of its
+    # prompt orders, fused with that first stage's score at each weight.
     rr = AttentionReranker(model, cfg.probe, cfg.calibration)
     settings = ScoreSettings.of(cfg.probe)
     kind = settings.kind(rr.calibrator.score_kind)
+    last = cfg.probe.layer_range[1] if cfg.probe.layer_range is not None else None
     chosen_w = {}
     for stage in stages:
         if stage == "bm25":
@@ -160,7 +171,13 @@ def run(args: Namespace) -> dict[str, Any]:
                 model, args.data_dir, n, cap, stage, cfg.retriever, QUICK_DISTRACTORS if args.quick else None
             )
             systems[stage] = {"ndcg@10": _first_stage_ndcg(qrels, qs)}
-        base = default_scores(qs, st, rr, settings)
+        by_order = {"reversed": st}
+        for order in prompt_orders(cfg.probe):
+            if order not in by_order:
+                # Passes in the other order read only the layers the configuration reads.
+                by_order[order] = scifact_passes(model, qs, cap, order, last, f"scifact/{stage}/{order}")
+        by_order = {o: by_order[o] for o in prompt_orders(cfg.probe)}
+        base = default_scores(qs, by_order, rr, settings)
         per_w = {}
         for w in DEFAULT_WEIGHTS:
             scores = {q["qid"]: fuse_first_stage(base[q["qid"]], np.asarray(q["first_stage"]), w) for q in qs}
@@ -193,7 +210,12 @@ def run(args: Namespace) -> dict[str, Any]:
             # The weight for the first stage the configuration's pipeline uses, when it was measured.
             "default_first_stage_weight": chosen_w.get(cfg.retriever.name, chosen_w["bm25"]),
             "default_first_stage_weight_by_first_stage": chosen_w,
-            "default_score": {"kind": kind, "layers": cfg.probe.layers, "curve": cfg.calibration.curve},
+            "default_score": {
+                "kind": kind,
+                "layers": cfg.probe.layers,
+                "curve": cfg.calibration.curve,
+                "prompt_order": cfg.probe.prompt_order,
+            },
         },
     }
 

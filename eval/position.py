@@ -10,7 +10,10 @@ from those same passes:
 ``probe-curve+nacal``   N/A-calibrated score corrected by a curve fitted on such scores
 ``probe-curve+nacal+bm25``  the default fused with the list's BM25 scores by the config's
                         ``first_stage_weight`` (when above 0), as the reranker fuses first-stage scores:
-                        what a pipeline user gets; the gold passage keeps its BM25 score at every slot
+                        what a pipeline user gets; the gold passage keeps its BM25 score at every slot.
+                        The sweep reads each list in one prompt order: for ``prompt_order: both`` this
+                        is the score of the configuration's first (best-last) prompt alone, fused at
+                        its weight, not the two-prompt average
 ``bm25``                BM25 order within the list: position-blind by construction, a reference
 ``probe-cv``            score kind (raw, N/A difference, ``logratio``, ``ratio``), layer band (six
                         fixed bands up to layer 23, and the SciFact head set) and curve form chosen

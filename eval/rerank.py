@@ -348,26 +348,32 @@ def run_baseline(
     return scores, seconds, counters
 
 
-def run_default(rr: Any, queries: list[dict[str, Any]], depth: int) -> tuple[dict[str, np.ndarray], float]:
+def run_default(
+    rr: Any, queries: list[dict[str, Any]], depth: int
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], float]:
     """Rerank each query's first-stage top ``depth`` with ``rr``, given the first stage's scores.
 
-    Returns scores in first-stage order per query and the mean wall seconds per query.
+    Returns, in first-stage order per query, the reranker's scores and its score without the first
+    stage's (the fused score minus ``first_stage_weight`` x the z-scored first-stage score: exactly the
+    windows' merged probe score), and the mean wall seconds per query.
     """
     from rerank.records import Hit
+    from rerank.scoring import zscore
 
-    scores, t = {}, []
+    scores, alone, t = {}, {}, []
     for q in queries:
         ps = q["passages"][:depth]
+        fs = np.asarray(q["first_stage"][:depth], dtype=np.float64)
         hits = [
-            Hit(passage=p, score=s, rank=i + 1)
-            for i, (p, s) in enumerate(zip(ps, q["first_stage"][:depth], strict=True))
+            Hit(passage=p, score=float(s), rank=i + 1) for i, (p, s) in enumerate(zip(ps, fs, strict=True))
         ]
         t0 = time.perf_counter()
         ranked = rr.rerank(q["query"], hits)
         t.append(time.perf_counter() - t0)
         by_id = {it.passage.id: it.score for it in ranked.items}
         scores[q["qid"]] = np.array([by_id[p.id] for p in ps])
-    return scores, float(np.mean(t))
+        alone[q["qid"]] = scores[q["qid"]] - rr.cfg.first_stage_weight * zscore(fs)
+    return scores, alone, float(np.mean(t))
 
 
 def run(args: Namespace) -> dict[str, Any]:
@@ -482,20 +488,16 @@ def run(args: Namespace) -> dict[str, Any]:
                     cv_run[q["qid"]] = runs[best_v][q["qid"]]
             chosen.append(f"heads k={pick['k']} w={pick['w']:g}" if heads_score > best_grid else best_v.name)
         add("probe-cv" + sfx, cv_run, sec, chosen_per_fold=chosen)
-    # The shipped default, run end to end (its own windows, early exit and timing), and its score
-    # without the first stage's, read from the suite's passes.
-    from eval.heads import default_scores
-    from rerank.calibrators import ScoreSettings
+    # The shipped default, run end to end (its own windows, prompt orders, early exit and timing), and
+    # its score without the first stage's.
     from rerank.reranker import AttentionReranker
 
     rr = AttentionReranker(model, cfg.probe, cfg.calibration)
     depth = cfg.retriever.top_k
     if "bm25" in stages:
-        scores, sec = run_default(rr, queries, depth)
+        scores, own, sec = run_default(rr, queries, depth)
         add(f"probe-default@{depth}", to_run(queries, scores), sec)
-        if depth == WINDOW and depth in depths:
-            own = default_scores(queries, stats, rr, ScoreSettings.of(cfg.probe))
-            add(f"probe-default-alone@{depth}", to_run(queries, own), sec)
+        add(f"probe-default-alone@{depth}", to_run(queries, own), sec)
     if "hybrid" in stages:
         # The pipeline's own first stage; each system is compared with it as well as with BM25.
         h_queries = hybrid_pool(queries, cfg.retriever)
@@ -521,10 +523,8 @@ def run(args: Namespace) -> dict[str, Any]:
             ("probe-nacal", Variant("nacal", None, "mean", 0.0)),
         ):
             add(name + sfx, h_run(lambda q, v=v: fused_scores(q, depth, h_stats, v)), h_sec)
-        if depth == WINDOW:
-            own = default_scores(h_queries, h_stats, rr, ScoreSettings.of(cfg.probe))
-            add("probe-default-alone" + sfx, to_run(h_queries, own), h_sec)
-        scores, sec = run_default(rr, h_queries, depth)
+        scores, own, sec = run_default(rr, h_queries, depth)
+        add("probe-default-alone" + sfx, to_run(h_queries, own), sec)
         add("probe-default" + sfx, to_run(h_queries, scores), sec)
     # Baselines, end to end on the same candidates (windows of 20, best BM25 passage last in ICR prompts).
     from rerank.config import ProbeConfig

@@ -76,15 +76,42 @@ def collect_scifact(
     distractors: int | None = None,
 ) -> tuple[list[dict[str, Any]], Any, Any]:
     """Probe passes (all layers, ``N/A`` pass) over each query's top-20, best first-stage passage last."""
-    from eval.probe_stats import ProbeJob, collect
-
     queries, qrels = scifact_windows(data_dir, n_queries, first_stage, retriever, distractors)
-    jobs = [ProbeJob(f"{q['qid']}:0", q["query"], tuple(q["passages"][::-1])) for q in queries]
+    return queries, qrels, scifact_passes(model, queries, max_passage_tokens, desc=f"scifact/{first_stage}")
+
+
+def scifact_passes(
+    model: Any,
+    queries: list[dict[str, Any]],
+    max_passage_tokens: int = MAX_TOKENS,
+    order: str = "reversed",
+    last_layer: int | None = None,
+    desc: str = "scifact",
+) -> Any:
+    """Probe passes (with the ``N/A`` pass) over each query's ``passages``, keyed ``qid:0``.
+
+    Args:
+        order: Prompt order: ``reversed`` (best first-stage passage last, as the heads are chosen) or
+            ``retriever``.
+        last_layer: The passes stop after this layer (default: all layers).
+    """
+    from eval.probe_stats import ProbeJob, collect
+    from rerank.reranker import prompt_slots
+
+    jobs = [
+        ProbeJob(
+            f"{q['qid']}:0",
+            q["query"],
+            tuple(q["passages"][c] for c in prompt_slots(len(q["passages"]), order)),
+        )
+        for q in queries
+    ]
     stats, _ = collect(
         model,
         jobs,
         cache_dir=REPO_ROOT / "results" / "cache" / "scifact",
         max_passage_tokens=max_passage_tokens,
-        desc=f"scifact/{first_stage}",
+        last_layer=last_layer,
+        desc=desc,
     )
-    return queries, qrels, stats
+    return stats

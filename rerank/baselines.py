@@ -39,6 +39,7 @@ from rerank.reranker import (
     as_query,
     check_top_k,
     probe_windows,
+    prompt_orders,
     prompt_slots,
     rerank_many,
     split_candidates,
@@ -205,7 +206,8 @@ def icr_filter_sum(tok: np.ndarray, spans: Sequence[tuple[int, int]]) -> np.ndar
 class ICRReferenceReranker(_Baseline):
     """In-Context Reranking (Chen et al., ICLR 2025) implemented plainly, as a reference.
 
-    Per window: the ICR prompt (passages in ``probe.prompt_order``, best last by default) runs once with
+    Per window: the ICR prompt (passages in ``probe.prompt_order``, best last by default; ``both`` reads the
+    best-last prompt only) runs once with
     the eager kernel and ``output_attentions=True``; each token's score is the attention it receives
     from the query tokens (late instruction to the end), averaged over those rows and summed over all
     heads and layers. The content-free prompt (query ``N/A``) runs as a second full forward, without
@@ -281,7 +283,7 @@ class ICRReferenceReranker(_Baseline):
         assert self.model is not None
         with attention_kernel(self.model, "eager"):
             for idx in windows:
-                slots = [idx[j] for j in prompt_slots(len(idx), self.cfg)]
+                slots = [idx[j] for j in prompt_slots(len(idx), prompt_orders(self.cfg)[0])]
                 prompt_ps = [passages[c] for c in slots]
                 kw = {"max_passage_tokens": self.cfg.passage_max_tokens, "template": self.template}
                 pr = build_prompt(self.model.tokenizer, query, prompt_ps, **kw)

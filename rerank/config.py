@@ -66,7 +66,9 @@ class ProbeConfig(_Frozen):
         aggregation: How token scores become a passage score: ``sum``, ``mean`` or ``icr`` (drop
             tokens below mean - 2 std, then sum, as in In-Context Reranking).
         prompt_order: ``reversed`` puts the retriever's best passage last, next to the query;
-            ``retriever`` keeps the retriever's order.
+            ``retriever`` keeps the retriever's order; ``both`` probes each window in both orders (two
+            prefills) and averages the two passes' standardised calibrated scores, so that each passage
+            is read once near the query and once far from it.
         passage_max_tokens: Each passage is cut to this many tokens.
         window_size: At most this many passages share one prompt; more candidates are split into
             windows that share the query.
@@ -83,7 +85,7 @@ class ProbeConfig(_Frozen):
     head_set: tuple[tuple[int, int], ...] | None = None
     nacal_form: Literal["difference", "logratio", "ratio"] = "difference"
     aggregation: Literal["sum", "mean", "icr"] = "mean"
-    prompt_order: Literal["reversed", "retriever"] = "reversed"
+    prompt_order: Literal["reversed", "retriever", "both"] = "reversed"
     passage_max_tokens: int = Field(default=300, ge=1)
     window_size: int = Field(default=20, ge=1)
     window_merge: Literal["zscore", "raw"] = "zscore"

@@ -44,7 +44,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     cal = pipe.config.calibration.name
     print(f"\nreranked by attention ({pipe.model.model_id}, {pipe.model.dtype}, calibration: {cal}):")
     w = pipe.config.probe.first_stage_weight
-    print(f"  score = calibrated attention (z) + {w:g} x first-stage score (z); slot 19 is next to the query")
+    both = pipe.config.probe.prompt_order == "both"
+    print(f"  score = calibrated attention (z) + {w:g} x first-stage score (z)")
+    if both:
+        print("  calibrated attention: the mean of two prompts, best passage last and best passage first")
+    print(f"  slot: place in the {'best-last ' if both else ''}prompt (19 is next to the query)")
     print("  rank  id               score  calibrated      raw  slot  title")
     for it in answer.ranking.items[:10]:
         print(

@@ -35,7 +35,8 @@ class ScoredPassage(BaseModel):
         rank: 1-based rank by ``score``.
         raw_score: Attention the query paid to the passage, before any bias correction.
         calibrated_score: The score after positional-bias correction.
-        prompt_position: 0-based slot of the passage in the probe prompt (None when not probed).
+        prompt_position: 0-based slot of the passage in the probe prompt (None when not probed; with
+            ``prompt_order: both``, its slot in the first, best-last, prompt).
         first_stage_score: The retriever's score, kept for fusion and for inspection.
     """
 

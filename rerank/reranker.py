@@ -105,10 +105,17 @@ def template_id(template: PromptTemplate) -> str:
     return hashlib.sha256(repr(asdict(template)).encode()).hexdigest()[:12]
 
 
-def prompt_slots(n: int, probe: ProbeConfig) -> list[int]:
+def prompt_orders(probe: ProbeConfig) -> tuple[str, ...]:
+    """The prompt orders each window is probed in: ``both`` is ``reversed`` then ``retriever``."""
+    return ("reversed", "retriever") if probe.prompt_order == "both" else (probe.prompt_order,)
+
+
+def prompt_slots(n: int, order: str) -> list[int]:
     """Prompt slot -> candidate index for a window of ``n`` candidates in retriever order (best first);
-    ``reversed`` puts the best one last, next to the query."""
-    return list(range(n))[::-1] if probe.prompt_order == "reversed" else list(range(n))
+    ``reversed`` puts the best one last, next to the query; ``retriever`` keeps the order."""
+    if order not in ("reversed", "retriever"):
+        raise ValueError(f"unknown prompt order {order!r}; a single prompt is 'reversed' or 'retriever'")
+    return list(range(n))[::-1] if order == "reversed" else list(range(n))
 
 
 def probe_windows(n: int, probe: ProbeConfig) -> list[range]:
@@ -234,15 +241,31 @@ class AttentionReranker:
     def score_window(
         self, query: str, passages: Sequence[Passage]
     ) -> tuple[np.ndarray, np.ndarray, list[int]]:
-        """Probe one window. Returns raw and calibrated scores and prompt slots, in candidate order."""
-        slot_to_cand = prompt_slots(len(passages), self.cfg)
-        raw_s, cal_s = self._probe_scores(query, [passages[c] for c in slot_to_cand])
-        raw = np.empty(len(passages))
-        cal = np.empty(len(passages))
-        pos = [0] * len(passages)
-        for slot, c in enumerate(slot_to_cand):
-            raw[c], cal[c], pos[c] = raw_s[slot], cal_s[slot], slot
-        return raw, cal, pos
+        """Probe one window. Returns raw and calibrated scores and prompt slots, in candidate order.
+
+        With ``prompt_order: both`` the window is probed once per order (a passage sits at slot ``i`` in
+        one prompt and ``n - 1 - i`` in the other); the calibrated score is the mean of the two passes'
+        standardised calibrated scores, the raw score the mean of their raw scores, and the slot the one
+        in the first (``reversed``) prompt. A window of one passage is probed once.
+        """
+        n = len(passages)
+        orders = prompt_orders(self.cfg)[: 1 if n < 2 else None]
+        raws, cals = [], []
+        pos = [0] * n
+        for k, order in enumerate(orders):
+            slot_to_cand = prompt_slots(n, order)
+            raw_s, cal_s = self._probe_scores(query, [passages[c] for c in slot_to_cand])
+            raw = np.empty(n)
+            cal = np.empty(n)
+            for slot, c in enumerate(slot_to_cand):
+                raw[c], cal[c] = raw_s[slot], cal_s[slot]
+                if k == 0:
+                    pos[c] = slot
+            raws.append(raw)
+            cals.append(cal)
+        if len(orders) == 1:
+            return raws[0], cals[0], pos
+        return np.mean(raws, axis=0), np.mean([zscore(c) for c in cals], axis=0), pos
 
     def score_in_prompt_order(self, query: str, passages: Sequence[Passage]) -> np.ndarray:
         """Calibrated scores of ``passages`` probed in exactly the given prompt order (iterative sorting)."""
@@ -305,6 +328,7 @@ class AttentionReranker:
         )
         info = {
             "windows": len(windows),
+            "prompts": sum(len(prompt_orders(self.cfg)) if len(w) > 1 else 1 for w in windows),
             "first_stage": fused,
             "seconds": time.perf_counter() - t0,
         }

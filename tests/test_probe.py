@@ -249,6 +249,43 @@ def test_plain_strings_and_top_k(smol32):
             engine.rerank(QUERY, [3])
 
 
+def test_both_prompt_orders_average_the_two_passes(smol32):
+    from rerank.reranker import AttentionReranker
+    from rerank.scoring import zscore
+
+    def reranker(order, **kw):
+        return AttentionReranker(
+            smol32, ProbeConfig(layers=(12, 19), nacal_form="ratio", prompt_order=order, **kw)
+        )
+
+    both, rev, fwd = reranker("both"), reranker("reversed"), reranker("retriever")
+    raw_b, cal_b, pos_b = both.score_window(QUERY, PASSAGES)
+    raw_r, cal_r, pos_r = rev.score_window(QUERY, PASSAGES)
+    raw_f, cal_f, pos_f = fwd.score_window(QUERY, PASSAGES)
+    n = len(PASSAGES)
+    assert pos_r == list(range(n))[::-1] and pos_f == list(range(n))
+    # Each passage is read once next to the query's end of the prompt and once far from it.
+    np.testing.assert_allclose(cal_b, (zscore(cal_r) + zscore(cal_f)) / 2, atol=1e-12)
+    np.testing.assert_allclose(raw_b, (raw_r + raw_f) / 2, atol=1e-12)
+    assert pos_b == pos_r
+    # The two orders disagree (positional bias is left in each), so averaging changes the scores.
+    assert not np.allclose(zscore(cal_r), zscore(cal_f), atol=1e-3)
+    ranked = both.rerank(QUERY, PASSAGES)
+    assert (ranked.info["windows"], ranked.info["prompts"]) == (1, 2)
+    np.testing.assert_allclose(sorted(it.score for it in ranked.items), sorted(zscore(cal_b)), atol=1e-12)
+    # A window of one passage reads the same prompt in either order: probed once, like one order.
+    lone = both.rerank(QUERY, PASSAGES[:1])
+    assert lone.info["prompts"] == 1
+    assert lone.items[0].raw_score == pytest.approx(
+        rev.rerank(QUERY, PASSAGES[:1]).items[0].raw_score, abs=1e-12
+    )
+    # Windows: the last window of one passage is probed once, the others twice.
+    split = reranker("both", window_size=n - 1).rerank(QUERY, PASSAGES)
+    assert (split.info["windows"], split.info["prompts"]) == (2, 3)
+    with pytest.raises(ValueError, match="prompt_order"):
+        ProbeConfig(prompt_order="middle")
+
+
 def test_windows_cover_all_candidates(smol32):
     from rerank.reranker import AttentionReranker
 
