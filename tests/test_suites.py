@@ -101,7 +101,10 @@ def test_position_suite(data_dir: Path, tmp_path: Path, smol_model, monkeypatch:
         "bm25",
         "probe-cv",
     }
-    assert r["config"]["first_stage_weight"] == 2.0
+    from rerank.config import load_config
+
+    cfg = load_config(REPO / "configs" / "default.yaml")
+    assert r["config"]["first_stage_weight"] == cfg.probe.first_stage_weight > 0
     # Nested CV: one pick per fold (3 folds of one question), each a kind/band/form of the grid.
     assert len(sys_["probe-cv"]["chosen"]) == 3
     assert all(len(c.split("/")) == 3 for c in sys_["probe-cv"]["chosen"])
@@ -114,9 +117,9 @@ def test_position_suite(data_dir: Path, tmp_path: Path, smol_model, monkeypatch:
     assert sys_["probe-curve"]["seconds_per_query"] > 0
     # The fused system is what the shipped reranker returns for the same list when the first stage gives
     # it BM25 scores: rerank each question's list with the gold passage at slot 10 (given worst first, so
-    # that the default's reversed prompt order puts every passage in the sweep's slot).
+    # that the reversed prompt order puts every passage in the sweep's slot). The sweep reads one prompt
+    # per list, so the reranker is held to the default's first prompt order.
     from eval.nq import load_nq
-    from rerank.config import load_config
     from rerank.reranker import AttentionReranker
     from retrievers.bm25 import BM25Retriever
     from retrievers.records import Hit
@@ -124,8 +127,9 @@ def test_position_suite(data_dir: Path, tmp_path: Path, smol_model, monkeypatch:
     slot = 9
     # A quick sweep cuts passages short; the reranker reads them with the same budget.
     assert r["config"]["probe"]["passage_max_tokens"] == QUICK_PASSAGE_TOKENS
-    cfg = load_config(REPO / "configs" / "default.yaml")
-    probe = cfg.probe.model_copy(update={"passage_max_tokens": QUICK_PASSAGE_TOKENS})
+    probe = cfg.probe.model_copy(
+        update={"passage_max_tokens": QUICK_PASSAGE_TOKENS, "prompt_order": "reversed"}
+    )
     rr = AttentionReranker(smol_model, probe, cfg.calibration)
     tops = []
     for it in load_nq(data_dir)[0][:3]:
@@ -242,10 +246,39 @@ def test_heads_suite(data_dir: Path, tmp_path: Path) -> None:
     # The default's fusion weight is chosen for each first stage, on that stage's own top-20.
     weights = choice["default_first_stage_weight_by_first_stage"]
     assert set(weights) == {"bm25", "hybrid"} and choice["default_first_stage_weight"] == weights["hybrid"]
+    assert choice["default_score"]["prompt_order"] == "both"
     for stage, sfx in (("bm25", ""), ("hybrid", "-hybrid")):
         figures = {w: r["systems"][f"default-w{w:g}{sfx}"]["ndcg@10"] for w in DEFAULT_WEIGHTS}
         assert figures[weights[stage]] == max(figures.values())
     assert 0.0 <= r["systems"]["hybrid"]["ndcg@10"] <= 1.0 and "QUICK SUBSET" in r["dataset"]
+
+
+def test_heads_suite_reads_the_default_as_the_reranker_does(data_dir: Path, smol_model) -> None:
+    """The weight grid is only evidence for the reranker if the suite scores lists as the reranker does."""
+    from eval.heads import default_scores
+    from eval.scifact_stats import scifact_passes, scifact_windows
+    from rerank.calibrators import ScoreSettings
+    from rerank.config import load_config
+    from rerank.reranker import AttentionReranker, prompt_orders
+
+    cfg = load_config(REPO / "configs" / "default.yaml")
+    assert prompt_orders(cfg.probe) == ("reversed", "retriever")
+    probe = cfg.probe.model_copy(
+        update={"passage_max_tokens": QUICK_PASSAGE_TOKENS, "first_stage_weight": 0.0}
+    )
+    rr = AttentionReranker(smol_model, probe, cfg.calibration)
+    qs, _ = scifact_windows(data_dir, 2)
+    qs = [{**q, "passages": q["passages"][:5], "first_stage": q["first_stage"][:5]} for q in qs]
+    last = probe.layer_range[1]
+    by_order = {
+        o: scifact_passes(smol_model, qs, QUICK_PASSAGE_TOKENS, o, last) for o in prompt_orders(probe)
+    }
+    suite = default_scores(qs, by_order, rr, ScoreSettings.of(probe))
+    for q in qs:
+        ranked = rr.rerank(q["query"], q["passages"])
+        got = {it.passage.id: it.score for it in ranked.items}
+        np.testing.assert_allclose([got[p.id] for p in q["passages"]], suite[q["qid"]], atol=1e-3)
+    assert not np.allclose(suite[qs[0]["qid"]], 0.0)
 
 
 def test_heads_suite_refuses_an_unknown_first_stage(data_dir: Path, tmp_path: Path, capsys) -> None:
