@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from eval.common import REPO_ROOT, SuiteError, check_opts, get_opt, passage_tokens, per_query_metric
-from rerank.reranker import fuse_first_stage, prompt_orders, prompt_slots
+from rerank.reranker import fuse_first_stage, merge_orders, prompt_orders, to_candidate_order
 from rerank.scoring import PassageStats, passage_scores, zscore
 
 KS = (1, 2, 4, 8, 16, 32)
@@ -120,10 +120,8 @@ def default_scores(
         for order, stats in stats_by_order.items():
             st = stats[f"{q['qid']}:0"]
             _, s = rr.calibrator(st, range(st.num_passages), settings, rr.curve)
-            c = np.empty(st.num_passages)
-            c[prompt_slots(st.num_passages, order)] = s
-            per.append(zscore(c))
-        base[q["qid"]] = zscore(np.mean(per, axis=0))
+            per.append(to_candidate_order(s, order))
+        base[q["qid"]] = zscore(merge_orders(per))
     return base
 
 
@@ -171,12 +169,11 @@ def run(args: Namespace) -> dict[str, Any]:
                 model, args.data_dir, n, cap, stage, cfg.retriever, QUICK_DISTRACTORS if args.quick else None
             )
             systems[stage] = {"ndcg@10": _first_stage_ndcg(qrels, qs)}
-        by_order = {"reversed": st}
-        for order in prompt_orders(cfg.probe):
-            if order not in by_order:
-                # Passes in the other order read only the layers the configuration reads.
-                by_order[order] = scifact_passes(model, qs, cap, order, last, f"scifact/{stage}/{order}")
-        by_order = {o: by_order[o] for o in prompt_orders(cfg.probe)}
+        # Passes in another order than the heads' read only the layers the configuration reads.
+        by_order = {
+            o: st if o == "reversed" else scifact_passes(model, qs, cap, o, last, f"scifact/{stage}/{o}")
+            for o in prompt_orders(cfg.probe)
+        }
         base = default_scores(qs, by_order, rr, settings)
         per_w = {}
         for w in DEFAULT_WEIGHTS:

@@ -118,6 +118,27 @@ def prompt_slots(n: int, order: str) -> list[int]:
     return list(range(n))[::-1] if order == "reversed" else list(range(n))
 
 
+def window_orders(n: int, probe: ProbeConfig) -> tuple[str, ...]:
+    """The prompt orders a window of ``n`` candidates is probed in: one passage reads the same prompt in
+    either order, so it is probed once."""
+    return prompt_orders(probe)[:1] if n < 2 else prompt_orders(probe)
+
+
+def to_candidate_order(in_slot_order: np.ndarray, order: str) -> np.ndarray:
+    """Values given per prompt slot of a prompt in ``order``, rearranged into candidate order."""
+    out = np.empty(len(in_slot_order))
+    out[prompt_slots(len(in_slot_order), order)] = in_slot_order
+    return out
+
+
+def merge_orders(per_order: Sequence[np.ndarray]) -> np.ndarray:
+    """One window's calibrated scores (candidate order) from its prompts: a single prompt's as they are,
+    several prompts' standardised and averaged (``prompt_order: both``)."""
+    if len(per_order) == 1:
+        return per_order[0]
+    return np.mean([zscore(c) for c in per_order], axis=0)
+
+
 def probe_windows(n: int, probe: ProbeConfig) -> list[range]:
     """Consecutive windows of at most ``probe.window_size`` candidates that share one prompt each."""
     w = probe.window_size
@@ -248,24 +269,16 @@ class AttentionReranker:
         standardised calibrated scores, the raw score the mean of their raw scores, and the slot the one
         in the first (``reversed``) prompt. A window of one passage is probed once.
         """
-        n = len(passages)
-        orders = prompt_orders(self.cfg)[: 1 if n < 2 else None]
+        orders = window_orders(len(passages), self.cfg)
         raws, cals = [], []
-        pos = [0] * n
-        for k, order in enumerate(orders):
-            slot_to_cand = prompt_slots(n, order)
-            raw_s, cal_s = self._probe_scores(query, [passages[c] for c in slot_to_cand])
-            raw = np.empty(n)
-            cal = np.empty(n)
-            for slot, c in enumerate(slot_to_cand):
-                raw[c], cal[c] = raw_s[slot], cal_s[slot]
-                if k == 0:
-                    pos[c] = slot
-            raws.append(raw)
-            cals.append(cal)
-        if len(orders) == 1:
-            return raws[0], cals[0], pos
-        return np.mean(raws, axis=0), np.mean([zscore(c) for c in cals], axis=0), pos
+        for order in orders:
+            raw_s, cal_s = self._probe_scores(
+                query, [passages[c] for c in prompt_slots(len(passages), order)]
+            )
+            raws.append(to_candidate_order(raw_s, order))
+            cals.append(to_candidate_order(cal_s, order))
+        pos = [int(x) for x in to_candidate_order(np.arange(len(passages)), orders[0])]
+        return np.mean(raws, axis=0), merge_orders(cals), pos
 
     def score_in_prompt_order(self, query: str, passages: Sequence[Passage]) -> np.ndarray:
         """Calibrated scores of ``passages`` probed in exactly the given prompt order (iterative sorting)."""
@@ -328,7 +341,7 @@ class AttentionReranker:
         )
         info = {
             "windows": len(windows),
-            "prompts": sum(len(prompt_orders(self.cfg)) if len(w) > 1 else 1 for w in windows),
+            "prompts": sum(len(window_orders(len(w), self.cfg)) for w in windows),
             "first_stage": fused,
             "seconds": time.perf_counter() - t0,
         }
