@@ -296,7 +296,8 @@ def load_curve(
     """
     from calibration.curve import MATCH_KEYS
     from rerank.config import CalibrationConfig
-    from rerank.reranker import AttentionReranker, load_matching_curve
+    from rerank.engines import AttentionReranker
+    from rerank.engines.attention import load_matching_curve
 
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]

@@ -5,10 +5,10 @@
 Nothing is downloaded: the model is a ``LlamaForCausalLM`` built from a config written here (hidden 4096,
 32 layers, 32 heads, 8 KV heads, intermediate 14336, vocab 128256, rope theta 500,000, 131,072
 positions) directly on the GPU in bf16 with random weights (their values do not change the timing).
-The prompt is random token ids laid out like the probe's ICR prompt (:mod:`rerank.prompt`): a chat
+The prompt is random token ids laid out like the probe's ICR prompt (:mod:`rerank.probe.prompt`): a chat
 header and instruction, ``passages`` blocks of ``[n] `` + ``passage_tokens`` tokens + a blank line
 (300 words are about 400 Llama-3 tokens, so 100 passages are about 40k tokens), then the late
-instruction + query + assistant header as the query suffix. The :class:`rerank.prompt.ProbePrompt`
+instruction + query + assistant header as the query suffix. The :class:`rerank.probe.prompt.ProbePrompt`
 is built directly, so no tokenizer is needed.
 
 Systems, timed with ``torch.cuda.synchronize`` (median of ``repeats`` interleaved rounds after one
@@ -96,7 +96,7 @@ def synthetic_prompts(passages: int, passage_tokens: int, vocab: int, seed: int 
     """A query prompt and its ``N/A`` twin (same prefix), random ids in the ICR layout."""
     import random
 
-    from rerank.prompt import ProbePrompt
+    from rerank.probe.prompt import ProbePrompt
 
     rng = random.Random(seed)
 
@@ -189,7 +189,7 @@ def _plain_fn(loaded: Any, prompt: Any) -> Callable[[], None]:
 
 
 def _probe_fn(loaded: Any, probe: Any, prompt: Any, na: Any | None) -> Callable[[], None]:
-    from rerank.probe import ATTN_NAME
+    from rerank.probe.capture import ATTN_NAME
 
     def fn() -> None:
         mm = loaded.model
@@ -242,8 +242,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     loaded: Any = SimpleNamespace(model=model, device=device, model_id=model_id)
     probe_all = probe_early = None
     try:
-        from rerank.model import wrap_model
-        from rerank.probe import AttentionProbe
+        from rerank.probe.capture import AttentionProbe
+        from rerank.probe.model import wrap_model
 
         loaded = wrap_model(model, None, model_id=model_id)
 

@@ -1,7 +1,7 @@
 """Suite ``heads``: choose the probe's heads, how many, and the BM25 fusion weight on SciFact.
 
 Each (layer, head) of the model is scored on its own: the per-head content-free log-ratio score
-(see :func:`rerank.scoring.passage_scores`, kind ``logratio``) ranks BM25's top-20 for each SciFact
+(see :func:`rerank.probe.scoring.passage_scores`, kind ``logratio``) ranks BM25's top-20 for each SciFact
 query, and the head's mean nDCG@10 is its merit. The ``k`` best heads form the head set; ``k`` and the
 fusion weight ``w`` are chosen by 5-fold cross-validation on SciFact. The result is what
 configs/heads.yaml ships (the default until the position sweep chose a layer band with the bias curve;
@@ -32,8 +32,9 @@ from typing import Any
 import numpy as np
 
 from eval.common import REPO_ROOT, SuiteError, check_opts, get_opt, passage_tokens, per_query_metric
-from rerank.reranker import fuse_first_stage, merge_orders, prompt_orders, to_candidate_order
-from rerank.scoring import PassageStats, passage_scores, zscore
+from rerank.engines.attention import fuse_first_stage, merge_orders
+from rerank.engines.base import prompt_orders, to_candidate_order
+from rerank.probe.scoring import PassageStats, passage_scores, zscore
 
 KS = (1, 2, 4, 8, 16, 32)
 WEIGHTS = (0.0, 0.5, 1.0, 2.0)
@@ -127,10 +128,10 @@ def default_scores(
 
 def run(args: Namespace) -> dict[str, Any]:
     from eval.scifact_stats import FIRST_STAGES, MAX_TOKENS, collect_scifact, scifact_passes
-    from rerank.calibrators import ScoreSettings
     from rerank.config import load_config
-    from rerank.model import load_model
-    from rerank.reranker import AttentionReranker
+    from rerank.engines import AttentionReranker
+    from rerank.probe.calibrators import ScoreSettings
+    from rerank.probe.model import load_model
 
     opts = getattr(args, "opts", {}) or {}
     check_opts(opts, ["queries", "config", "passage_max_tokens", "first_stages"])

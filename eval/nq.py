@@ -14,29 +14,17 @@ import random
 import re
 import string
 import unicodedata
-from dataclasses import dataclass
 from pathlib import Path
 
+from calibration.lists import CalibrationItem
 from rerank.records import Passage
 
 N_TEST = 300
 SPLIT_SEED = 13
 
 
-@dataclass(frozen=True)
-class NQItem:
-    qid: str
-    question: str
-    answers: tuple[str, ...]
-    gold: Passage
-    distractors: tuple[Passage, ...]
-
-    def with_gold_at(self, pos: int, n: int = 20) -> list[Passage]:
-        """The gold passage at 0-based slot ``pos`` of an ``n``-passage list."""
-        ds = list(self.distractors[: n - 1])
-        if len(ds) < n - 1:
-            raise ValueError(f"{self.qid}: only {len(ds)} distractors for a list of {n}")
-        return ds[:pos] + [self.gold] + ds[pos:]
+# The dev lists ship with the package in this form (calibration/lists/); the test part stays here.
+NQItem = CalibrationItem
 
 
 def normalize_answer(s: str) -> str:
@@ -96,3 +84,33 @@ def load_nq(data_dir: Path, n_distractors: int = 19) -> tuple[list[NQItem], list
     test = [items[j] for j in order[:N_TEST]]
     dev = [items[j] for j in order[N_TEST:]]
     return test, dev
+
+
+def write_dev_lists(data_dir: Path, out: Path) -> int:
+    """Write the dev part as the calibration lists shipped with the package; returns the number of items."""
+    _, dev = load_nq(data_dir)
+    from calibration.lists import write_items
+
+    source = {
+        "data": "nq-open-oracle.jsonl.gz (2,655 NQ-open questions, one gold Wikipedia passage each)",
+        "from": "nelson-liu/lost-in-the-middle @ 29b8a6d, qa_data/",
+        "licence": "NQ: CC BY-SA 3.0; lost-in-the-middle code: MIT",
+        "split": f"questions shuffled with seed {SPLIT_SEED}; the first {N_TEST} are the test part and "
+        "are left out; these are the rest (dev), in that order",
+        "negatives": "other questions' gold passages with the highest BM25 score for the question that "
+        "contain none of its answer strings",
+        "made_by": "python -m eval.nq --data-dir DATA --out calibration/lists/nq-open-dev.json.gz",
+    }
+    write_items(dev, out, source)
+    return len(dev)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m eval.nq", description=write_dev_lists.__doc__)
+    shared = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+    ap.add_argument("--data-dir", type=Path, default=shared)
+    ap.add_argument("--out", type=Path, required=True)
+    a = ap.parse_args()
+    print(f"wrote {write_dev_lists(a.data_dir, a.out)} items to {a.out}")

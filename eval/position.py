@@ -45,7 +45,7 @@ default, about a fifth less work than the grid's 23): for re-measuring the other
 new curve, when probe-cv's figure does not depend on it.
 ``store=PREFIX`` (with ``cv=0``): keep each question's scores (raw and N/A-calibrated, every gold slot x
 prompt slot, float32) in ``PREFIX-raw.npz`` and ``PREFIX-nacal.npz``, the calibrate sweep's store format
-(see ``rerank.calibrate.sweep_scores``); questions found there are not probed again, so a new curve is
+(see ``rerank.probe.fit.sweep_scores``); questions found there are not probed again, so a new curve is
 measured on all 300 test questions in seconds, and the hours of passes can be spread over several runs
 that add to the same store one after another (one process per store: parts run at once fill the pass
 cache, and a final run with the store reads them from it). A store made with another model, dtype,
@@ -210,7 +210,7 @@ def cv_variants(
 ) -> dict[str, tuple[np.ndarray, str]]:
     """probe-cv's grid: every score kind x layer band (and head set) x curve form, scored on ``test``."""
     from rerank.config import load_config
-    from rerank.scoring import passage_scores
+    from rerank.probe.scoring import passage_scores
 
     bands: list[Any] = [b for b in CV_BANDS if b[1] <= last]
     # The SciFact head set (configs/heads.yaml, the previous default) is in the grid too.
@@ -250,13 +250,13 @@ def pass_last_layer(model: Any, probe_cfg: Any, grid: bool = True) -> int:
 
 def run(args: Namespace) -> dict[str, Any]:
     from eval.nq import load_nq
-    from eval.probe_stats import ProbeJob, collect
-    from rerank.calibrate import sweep_rows, sweep_scores
-    from rerank.calibrators import ScoreSettings
     from rerank.config import CalibrationConfig, load_config
-    from rerank.model import load_model
-    from rerank.reranker import AttentionReranker, fuse_first_stage
-    from rerank.scoring import zscore
+    from rerank.engines import AttentionReranker
+    from rerank.engines.attention import fuse_first_stage
+    from rerank.probe.calibrators import ScoreSettings
+    from rerank.probe.fit import ProbeJob, collect, sweep_rows, sweep_scores
+    from rerank.probe.model import load_model
+    from rerank.probe.scoring import zscore
     from retrievers.bm25 import BM25Retriever
 
     opts = getattr(args, "opts", {}) or {}

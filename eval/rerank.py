@@ -1,7 +1,7 @@
 """Suite ``rerank``: TREC DL19 passage ranking of BM25's top-100 by the attention probe.
 
 Every probe system is scored from one set of forward passes (all layers, with the ``N/A`` pass; see
-``eval/probe_stats.py``), so the variants differ only in how the captured attention is read. The
+``rerank/probe/fit.py``), so the variants differ only in how the captured attention is read. The
 ``position-prior`` control ranks by prompt slot alone with the same windows and merging: a probe figure
 means something only where it beats this control.
 
@@ -58,9 +58,9 @@ from eval.common import (
     require_data,
     with_passage_tokens,
 )
+from rerank.engines.attention import fuse_first_stage
+from rerank.probe.scoring import PassageStats, passage_scores, zscore
 from rerank.records import Passage
-from rerank.reranker import fuse_first_stage
-from rerank.scoring import PassageStats, passage_scores, zscore
 
 WINDOW = 20
 METRICS = ("ndcg@10", "mrr@10")
@@ -158,7 +158,7 @@ def hybrid_pool(queries: list[dict[str, Any]], retriever: Any) -> list[dict[str,
 
 def window_jobs(queries: list[dict[str, Any]], depth: int) -> list[Any]:
     """Consecutive windows of 20 in BM25 order, each placed best-last in its prompt."""
-    from eval.probe_stats import ProbeJob
+    from rerank.probe.fit import ProbeJob
 
     jobs = []
     for q in queries:
@@ -328,8 +328,8 @@ def run_baseline(
     """
     from tqdm.auto import tqdm
 
+    from rerank.engines import PROBE_ENGINES
     from rerank.records import Hit
-    from rerank.reranker import PROBE_ENGINES
 
     rr = PROBE_ENGINES.get(name)(model, probe)
     scores: dict[str, np.ndarray] = {}
@@ -357,8 +357,8 @@ def run_default(
     stage's (the fused score minus ``first_stage_weight`` x the z-scored first-stage score: exactly the
     windows' merged probe score), and the mean wall seconds per query.
     """
+    from rerank.probe.scoring import zscore
     from rerank.records import Hit
-    from rerank.scoring import zscore
 
     scores, alone, t = {}, {}, []
     for q in queries:
@@ -378,9 +378,9 @@ def run_default(
 
 def run(args: Namespace) -> dict[str, Any]:
     from eval.heads import choose
-    from eval.probe_stats import collect
     from rerank.config import load_config
-    from rerank.model import load_model
+    from rerank.probe.fit import collect
+    from rerank.probe.model import load_model
 
     opts = getattr(args, "opts", {}) or {}
     check_opts(
@@ -490,7 +490,7 @@ def run(args: Namespace) -> dict[str, Any]:
         add("probe-cv" + sfx, cv_run, sec, chosen_per_fold=chosen)
     # The shipped default, run end to end (its own windows, prompt orders, early exit and timing), and
     # its score without the first stage's.
-    from rerank.reranker import AttentionReranker
+    from rerank.engines import AttentionReranker
 
     rr = AttentionReranker(model, cfg.probe, cfg.calibration)
     depth = cfg.retriever.top_k

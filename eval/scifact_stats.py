@@ -95,8 +95,8 @@ def scifact_passes(
             ``retriever``.
         last_layer: The passes stop after this layer (default: all layers).
     """
-    from eval.probe_stats import ProbeJob, collect
-    from rerank.reranker import prompt_slots
+    from rerank.engines.base import prompt_slots
+    from rerank.probe.fit import ProbeJob, collect
 
     jobs = [
         ProbeJob(

@@ -1,8 +1,8 @@
 """Suite ``speed``: what the attention probe costs over a plain prefill and over other rerankers.
 
-Model: the embedded SmolLM2-135M-Instruct as :func:`rerank.model.load_model` loads it by default (bf16 on
-a CPU with AMX/AVX512-BF16). Prompts: the ICR layout of :func:`rerank.prompt.build_prompt` over real TREC
-DL19 BM25 passages (the first query of ``trec-dl19/bm25_top100.json``, passages in BM25 order):
+Model: the embedded SmolLM2-135M-Instruct as :func:`rerank.probe.model.load_model` loads it by default
+(bf16 on a CPU with AMX/AVX512-BF16). Prompts: the ICR layout of :func:`rerank.probe.prompt.build_prompt`
+over real TREC DL19 BM25 passages (the first query of ``trec-dl19/bm25_top100.json``, passages in BM25 order):
 
 * ``main``: the first passages (each cut to 300 tokens) until the prompt reaches about 2,000 tokens
   (500 under ``--quick``); its figures carry no suffix (``seconds_per_query``, ``peak_rss_mb``);
@@ -21,15 +21,15 @@ the machine's noise; the figure is the median over ``repeats`` rounds after one 
   (goal <= 1.10), ``early_exit_seconds_per_query`` (layers ``probe.layers`` of ``configs/default.yaml``
   when it sets them, else 0..23 of 30, forward stopped after the last), ``nacal_seconds_per_query``
   (all layers plus the content-free ``N/A`` pass reusing the prefix's KV cache) and their ratios.
-* ``probe-default``: the shipped reranker end to end, :class:`rerank.reranker.AttentionReranker` built
+* ``probe-default``: the shipped reranker end to end, :class:`rerank.engines.AttentionReranker` built
   from the ``probe`` and ``calibration`` sections of ``configs/default.yaml`` (its head set, early exit,
   ``N/A`` pass, windows of ``window_size`` passages), ``.rerank(query, passages)`` over the same
   passages. Only ``passage_max_tokens`` is set to the prompt's cap (300 for ``main``, 70 for the sweep),
   so every system reads the same passage text. ``ratio_vs_plain`` compares it with ``plain-prefill``.
 
 Baselines (``--opt baselines=``, default ``icr-reference,listwise,pointwise``): the rerankers registered
-under those names in :data:`rerank.reranker.PROBE_ENGINES` by ``rerank.baselines``, each built as
-``cls(model, probe_config)`` (``probe_config``: ``configs/default.yaml``'s probe section with the sweep's
+under those names in :data:`rerank.engines.PROBE_ENGINES`, each built as ``cls(model, probe_config)``
+(``probe_config``: ``configs/default.yaml``'s probe section with the sweep's
 ``passage_max_tokens``) and timed as ``.rerank(query, passages)`` at ``baseline_lengths`` passages only
 (default 20 and 100; they are slow): one warm-up call on the first 2 passages, then ``baseline_repeats``
 interleaved rounds (default 1) at each length. A baseline that raises ``ValueError`` at a length (the
@@ -113,7 +113,7 @@ QUICK_TARGET_TOKENS = 500
 DEFAULT_EARLY_LAYERS = (0, 23)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.yaml"
-# Registered in rerank.reranker.PROBE_ENGINES by rerank.baselines; looked up by name at run time.
+# Registered in rerank.engines.PROBE_ENGINES; looked up by name at run time.
 BASELINES = ("icr-reference", "listwise", "pointwise")
 FULL_BASELINE_LENGTHS = (20, 100)
 # The slow baselines warm up on this many passages, not on the measured list (that would double their cost).
@@ -352,7 +352,7 @@ class Runner:
     """The timed callables over one loaded model: plain prefill, probe, early-exit probe, N/A probe."""
 
     def __init__(self, loaded: Any, early_layers: tuple[int, int]) -> None:
-        from rerank.probe import AttentionProbe
+        from rerank.probe.capture import AttentionProbe
 
         self.m = loaded
         self.probe_all = AttentionProbe(loaded, layers=None, early_exit=False)
@@ -377,19 +377,19 @@ class Runner:
             mm.model(input_ids=x, cache=cache, use_cache=True, position_ids=pos)
 
     def probe(self, prompt: Any) -> None:
-        from rerank.probe import ATTN_NAME
+        from rerank.probe.capture import ATTN_NAME
 
         self._set_kernel(ATTN_NAME)
         self.probe_all.run_prompt(prompt)
 
     def early(self, prompt: Any) -> None:
-        from rerank.probe import ATTN_NAME
+        from rerank.probe.capture import ATTN_NAME
 
         self._set_kernel(ATTN_NAME)
         self.probe_early.run_prompt(prompt)
 
     def nacal(self, prompt: Any, na_prompt: Any) -> None:
-        from rerank.probe import ATTN_NAME
+        from rerank.probe.capture import ATTN_NAME
 
         self._set_kernel(ATTN_NAME)
         self.probe_all.run_prompt(prompt, na_prompt)
@@ -401,7 +401,7 @@ class RerankSpec:
 
     Attributes:
         name: The system's name in the JSON.
-        engine: Its key in :data:`rerank.reranker.PROBE_ENGINES`.
+        engine: Its key in :data:`rerank.engines.PROBE_ENGINES`.
         probe: Probe settings it is built with (``passage_max_tokens`` is set per prompt).
         calibration: Calibration settings, for the ``attention`` engine only (baselines take
             ``cls(model, probe_config)``).
@@ -413,7 +413,7 @@ class RerankSpec:
     calibration: Any = None
 
     def build(self, loaded: Any, passage_max_tokens: int) -> Any:
-        from rerank.reranker import PROBE_ENGINES, AttentionReranker
+        from rerank.engines import PROBE_ENGINES, AttentionReranker
 
         probe = self.probe.model_copy(update={"passage_max_tokens": passage_max_tokens})
         if self.engine == "attention":
@@ -459,13 +459,13 @@ def _memory_worker(jobs_file: Path, out_file: Path) -> None:
     that refuses the input, e.g. too large for ``output_attentions``) is recorded as ``{"skipped": why}``.
     """
     from rerank.config import ModelConfig
-    from rerank.model import load_model
+    from rerank.probe.model import load_model
 
     with jobs_file.open("rb") as fh:
         spec = pickle.load(fh)
     specs: dict[str, RerankSpec] = spec["specs"]
     if any(s.engine != "attention" for s in specs.values()):
-        import rerank.baselines  # noqa: F401  (registers the engines the parent checked)
+        import rerank.engines  # noqa: F401  (registers the engines the parent checked)
     loaded = load_model(ModelConfig(threads=spec["threads"] or None))
     runner = Runner(loaded, DEFAULT_EARLY_LAYERS)
     rerankers = RerankSystems(loaded, specs)
@@ -617,8 +617,8 @@ def _baseline_specs(names: Sequence[str], probe_cfg: Any) -> dict[str, RerankSpe
     Raises:
         SuiteError: A name that is not a registered probe engine; the message lists those that are.
     """
-    import rerank.baselines  # noqa: F401  (registers the baselines)
-    from rerank.reranker import PROBE_ENGINES
+    import rerank.engines  # noqa: F401  (registers the baselines)
+    from rerank.engines import PROBE_ENGINES
 
     unknown = [n for n in names if n not in PROBE_ENGINES]
     if unknown:
@@ -672,8 +672,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from rerank.config import ModelConfig
-    from rerank.model import load_model
-    from rerank.prompt import NA_QUERY, build_prompt
+    from rerank.probe.model import load_model
+    from rerank.probe.prompt import NA_QUERY, build_prompt
 
     opts = dict(getattr(args, "opts", None) or {})
     check_opts(

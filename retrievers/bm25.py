@@ -29,8 +29,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from retrievers.config import RetrieverConfig
-from retrievers.index import (
+from retrievers.base import (
     BaseRetriever,
     IndexFormatError,
     check_queries,
@@ -40,6 +39,7 @@ from retrievers.index import (
     save_passages,
     write_meta,
 )
+from retrievers.config import RetrieverConfig
 from retrievers.records import Hit, Passage
 
 __all__ = ["BACKENDS", "BM25Retriever", "STOPWORDS", "tokenize", "tokenizer_info"]

@@ -23,8 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from retrievers.config import RetrieverConfig
-from retrievers.index import (
+from retrievers.base import (
     BaseRetriever,
     IndexFormatError,
     check_queries,
@@ -34,6 +33,7 @@ from retrievers.index import (
     save_passages,
     write_meta,
 )
+from retrievers.config import RetrieverConfig
 from retrievers.records import Hit, Passage
 
 __all__ = ["EMBEDDED_ENCODER", "INDEX_TYPES", "DenseRetriever", "encoder_identity", "load_encoder"]

@@ -1,250 +1,54 @@
-"""Index directories, the retriever registry, and what every retriever shares.
-
-An index directory holds ``meta.json`` (``format_version``, ``kind`` and the retriever's settings),
-``passages.jsonl`` and the backend's own files (``faiss.index``, ``tokens.npz``, ``bm25s/``, ...).
-Nothing is pickled. Loading a directory written with another ``format_version``, by another kind of
-retriever, or (dense) with another encoder, raises :class:`IndexFormatError`.
+"""The retriever registry, and building, saving and loading a retriever by name.
 
 The registry maps a name to a *zero-argument function returning the retriever class*, so that
 registering does not import the backend (and its heavy dependencies) before it is used::
 
     RETRIEVERS.register("mine")(lambda: MyRetriever)
+
+The index directory format and the shared base class are in :mod:`retrievers.base` (re-exported here).
 """
 
 from __future__ import annotations
 
-import json
-import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
-import numpy as np
-
+from retrievers.base import (
+    FORMAT_VERSION,
+    META_FILE,
+    PASSAGES_FILE,
+    BaseRetriever,
+    IndexFormatError,
+    Retriever,
+    check_queries,
+    indexed_text,
+    load_passages,
+    read_meta,
+    save_passages,
+    write_meta,
+)
 from retrievers.config import RetrieverConfig
-from retrievers.records import Hit, Passage
 from retrievers.registry import Registry
 
 __all__ = [
     "FORMAT_VERSION",
-    "IndexFormatError",
+    "META_FILE",
+    "PASSAGES_FILE",
     "RETRIEVERS",
+    "BaseRetriever",
+    "IndexFormatError",
     "Retriever",
     "build_retriever",
+    "check_queries",
     "indexed_text",
+    "load_passages",
     "load_retriever",
     "read_meta",
+    "save_passages",
     "save_retriever",
     "write_meta",
 ]
-
-logger = logging.getLogger(__name__)
-
-#: Bump when the layout of an index directory changes; older directories are then refused on load.
-FORMAT_VERSION = 1
-META_FILE = "meta.json"
-PASSAGES_FILE = "passages.jsonl"
-
-
-class IndexFormatError(ValueError):
-    """An index directory is missing, incomplete, of another format version, or built differently."""
-
-
-@runtime_checkable
-class Retriever(Protocol):
-    """What every registered retriever provides."""
-
-    kind: str
-
-    def index(self, passages: Sequence[Passage], show_progress: bool = True) -> None: ...
-
-    def search(self, query: str, k: int = 10) -> list[Hit]: ...
-
-    def search_batch(
-        self, queries: Sequence[str], k: int = 10, show_progress: bool = False
-    ) -> list[list[Hit]]: ...
-
-    def save(self, directory: str | Path) -> Path: ...
-
-
-def indexed_text(passage: Passage) -> str:
-    """The text a retriever indexes for ``passage``: the title (when there is one), then the text."""
-    return f"{passage.title} {passage.text}" if passage.title else passage.text
-
-
-# --------------------------------------------------------------------------------------------------
-# Metadata and passages on disk
-# --------------------------------------------------------------------------------------------------
-
-
-def write_meta(directory: str | Path, kind: str, **fields: Any) -> Path:
-    """Create ``directory`` and write its ``meta.json`` with ``format_version`` and ``kind``.
-
-    Returns:
-        The directory as a :class:`Path`.
-    """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    meta = {"format_version": FORMAT_VERSION, "kind": kind, **fields}
-    (directory / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True), encoding="utf-8")
-    return directory
-
-
-def read_meta(directory: str | Path, kind: str | None = None) -> dict[str, Any]:
-    """Read and check ``meta.json`` of an index directory.
-
-    Args:
-        directory: The index directory.
-        kind: The retriever kind expected there; None accepts any.
-
-    Raises:
-        IndexFormatError: No index there, unreadable metadata, another format version or kind.
-    """
-    directory = Path(directory)
-    path = directory / META_FILE
-    if not path.is_file():
-        raise IndexFormatError(
-            f"{directory} is not an index directory (no {META_FILE}); build one with "
-            "build_retriever(cfg).index(passages) and save it with .save(directory)"
-        )
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise IndexFormatError(f"{path}: not valid JSON ({exc}); rebuild the index") from exc
-    if not isinstance(meta, dict) or "format_version" not in meta or "kind" not in meta:
-        raise IndexFormatError(f"{path}: needs the keys 'format_version' and 'kind'; rebuild the index")
-    if meta["format_version"] != FORMAT_VERSION:
-        raise IndexFormatError(
-            f"{directory}: index format_version {meta['format_version']!r}, but this code reads version "
-            f"{FORMAT_VERSION}; rebuild the index with this version of the code"
-        )
-    if kind is not None and meta["kind"] != kind:
-        raise IndexFormatError(
-            f"{directory} holds a '{meta['kind']}' index, not a '{kind}' index; "
-            f"load it with load_retriever() or the {meta['kind']} retriever's load()"
-        )
-    return meta
-
-
-def save_passages(directory: Path, passages: Sequence[Passage]) -> None:
-    """Write the indexed passages, in index order, as JSON lines."""
-    with (directory / PASSAGES_FILE).open("w", encoding="utf-8") as f:
-        for p in passages:
-            f.write(json.dumps(p.model_dump(), ensure_ascii=False) + "\n")
-
-
-def load_passages(directory: Path, expected: int | None = None) -> list[Passage]:
-    """Read the passages written by :func:`save_passages`.
-
-    Raises:
-        IndexFormatError: The file is missing or its count differs from ``expected``.
-    """
-    path = directory / PASSAGES_FILE
-    if not path.is_file():
-        raise IndexFormatError(
-            f"{directory}: {PASSAGES_FILE} is missing; the index is incomplete, rebuild it"
-        )
-    with path.open(encoding="utf-8") as f:
-        passages = [Passage.model_validate_json(line) for line in f if line.strip()]
-    if expected is not None and len(passages) != expected:
-        raise IndexFormatError(
-            f"{path}: {len(passages)} passages, but meta.json says {expected}; "
-            "the index is incomplete, rebuild it"
-        )
-    return passages
-
-
-# --------------------------------------------------------------------------------------------------
-# Shared behaviour of the retrievers
-# --------------------------------------------------------------------------------------------------
-
-
-class BaseRetriever:
-    """Passage bookkeeping, deterministic top-k selection and batch search shared by the retrievers."""
-
-    kind = "base"
-
-    def __init__(self) -> None:
-        self._passages: list[Passage] = []
-        # Position of each passage's id in sorted id order: ties in score are broken by id.
-        self._id_rank: np.ndarray = np.zeros(0, dtype=np.int64)
-
-    @property
-    def passages(self) -> list[Passage]:
-        """The indexed passages, in index order (a copy of the list; the passages are frozen)."""
-        return list(self._passages)
-
-    def __len__(self) -> int:
-        return len(self._passages)
-
-    def _set_passages(self, passages: Sequence[Passage]) -> None:
-        passages = list(passages)
-        if not passages:
-            raise ValueError("cannot index an empty passage list; pass at least one Passage")
-        for i, p in enumerate(passages):
-            if not isinstance(p, Passage):
-                raise TypeError(
-                    f"passage {i} is a {type(p).__name__}, not a retrievers.Passage; "
-                    "load files with retrievers.load_corpus()"
-                )
-        seen: set[str] = set()
-        for p in passages:
-            if p.id in seen:
-                raise ValueError(f"duplicate passage id {p.id!r}; passage ids must be unique")
-            seen.add(p.id)
-        self._passages = passages
-        order = sorted(range(len(passages)), key=lambda i: passages[i].id)
-        self._id_rank = np.empty(len(passages), dtype=np.int64)
-        self._id_rank[order] = np.arange(len(passages))
-
-    def _check_ready(self) -> None:
-        if not self._passages:
-            raise RuntimeError(
-                f"the {self.kind} retriever has no index; call .index(passages) or .load(dir) first"
-            )
-
-    @staticmethod
-    def _check_k(k: int) -> None:
-        if not isinstance(k, int) or k < 1:
-            raise ValueError(f"k must be a positive int, got {k!r}")
-
-    def _top_k(self, scores: np.ndarray, k: int, positive_only: bool) -> list[Hit]:
-        """Hits for the ``k`` best of ``scores`` (one per passage), ties broken by passage id.
-
-        All passages tied with the k-th best score are considered, so the result does not depend on
-        how ``argpartition`` happens to split a tie.
-        """
-        valid = scores > 0 if positive_only else np.isfinite(scores)
-        cand = np.flatnonzero(valid)
-        if len(cand) > k:
-            kth = np.partition(scores[cand], len(cand) - k)[len(cand) - k]
-            cand = cand[scores[cand] >= kth]
-        order = np.lexsort((self._id_rank[cand], -scores[cand]))[:k]
-        sel = cand[order]
-        return [Hit(passage=self._passages[i], score=float(scores[i]), rank=r) for r, i in enumerate(sel, 1)]
-
-    def search(self, query: str, k: int = 10) -> list[Hit]:
-        """Return the ``k`` best passages for ``query``, best first."""
-        return self.search_batch([query], k)[0]
-
-    def search_batch(
-        self, queries: Sequence[str], k: int = 10, show_progress: bool = False
-    ) -> list[list[Hit]]:
-        raise NotImplementedError
-
-
-def check_queries(queries: Iterable[str]) -> list[str]:
-    """Return ``queries`` as a list, refusing a bare string (a common slip) and non-strings."""
-    if isinstance(queries, str):
-        raise TypeError(
-            "search_batch() takes a list of queries, got a single string; use search(query) instead"
-        )
-    queries = list(queries)
-    for i, q in enumerate(queries):
-        if not isinstance(q, str):
-            raise TypeError(f"query {i} is a {type(q).__name__}, not a str")
-    return queries
-
 
 # --------------------------------------------------------------------------------------------------
 # Registry, build, save, load

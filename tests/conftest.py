@@ -65,6 +65,6 @@ def smol_model():
 
     Shared: a test that switches its attention kernel must leave a working one behind.
     """
-    from rerank.model import load_model
+    from rerank.probe.model import load_model
 
     return load_model()

@@ -10,18 +10,13 @@ import pytest
 import torch
 from samples import PASSAGES, QUERY
 
-from rerank.baselines import (
-    ICRReferenceReranker,
-    ListwiseReranker,
-    PointwiseReranker,
-    ShuffleReranker,
-    icr_filter_sum,
-    parse_permutation,
-    sliding_windows,
-)
 from rerank.config import CalibrationConfig, ModelConfig, PipelineConfig, ProbeConfig
+from rerank.engines import PROBE_ENGINES, AttentionReranker, build_reranker
+from rerank.engines.controls import ShuffleReranker
+from rerank.engines.icr_reference import ICRReferenceReranker, icr_filter_sum
+from rerank.engines.listwise import ListwiseReranker, parse_permutation, sliding_windows
+from rerank.engines.pointwise import PointwiseReranker
 from rerank.records import Hit, Passage
-from rerank.reranker import PROBE_ENGINES, AttentionReranker, build_reranker
 
 BASELINES = ("icr-reference", "listwise", "pointwise", "shuffle")
 
@@ -29,7 +24,7 @@ BASELINES = ("icr-reference", "listwise", "pointwise", "shuffle")
 @pytest.fixture(scope="module")
 def smol32():
     """fp32 twin of the session model, for comparisons that bf16 rounding would blur."""
-    from rerank.model import load_model
+    from rerank.probe.model import load_model
 
     return load_model(ModelConfig(dtype="float32"))
 
@@ -218,8 +213,8 @@ def test_pointwise_batched_equals_one_at_a_time(smol_model, smol32, dtype, atol)
 
 def _straightforward_icr(model, passages_in_prompt_order):
     """ICR token scores from rerank.probe.reference_rows (eager attention, every layer and head)."""
-    from rerank.probe import reference_rows
-    from rerank.prompt import NA_QUERY, build_prompt
+    from rerank.probe.capture import reference_rows
+    from rerank.probe.prompt import NA_QUERY, build_prompt
 
     def tok_scores(q):
         pr = build_prompt(model.tokenizer, q, passages_in_prompt_order)

@@ -141,7 +141,8 @@ def test_shipped_curves_fit_the_configs_that_use_them(smol_model, path):
     its own curve, and both must be shipped and listed.
     """
     from rerank.config import CalibrationConfig, load_config
-    from rerank.reranker import AttentionReranker, resolve_curve_path
+    from rerank.engines import AttentionReranker
+    from rerank.engines.attention import resolve_curve_path
 
     cfg = load_config(REPO / path)
     names = cfg.calibration.curves
@@ -160,12 +161,12 @@ def test_shipped_curves_fit_the_configs_that_use_them(smol_model, path):
 
 
 @pytest.mark.slow
-def test_calibrate_command_fits_a_curve_for_the_asked_dtype(tmp_path, data_dir):
+def test_calibrate_command_fits_a_curve_for_the_asked_dtype(tmp_path):
     """End to end on NQ dev lists with the embedded model: JSON (bound to fp32) and PNG, then applied."""
-    from rerank.calibrate import main
+    from rerank.cli import main
     from rerank.config import load_config
-    from rerank.model import load_model
-    from rerank.reranker import AttentionReranker
+    from rerank.engines import AttentionReranker
+    from rerank.probe.model import load_model
 
     cfg = tmp_path / "fit.yaml"
     cfg.write_text(
@@ -173,8 +174,8 @@ def test_calibrate_command_fits_a_curve_for_the_asked_dtype(tmp_path, data_dir):
         encoding="utf-8",
     )
     out = tmp_path / "curves" / "tiny.json"
-    args = ["--config", str(cfg), "--out", str(out), "--lists", "16", "--dtype", "float32"]
-    assert main([*args, "--data-dir", str(data_dir)]) == 0
+    args = ["calibrate", "--config", str(cfg), "--out", str(out), "--lists", "16", "--dtype", "float32"]
+    assert main([*args, "--no-progress"]) == 0
     curve = BiasCurve.load(out)
     assert out.with_suffix(".png").stat().st_size > 0
     assert curve.meta["dtype"] == "float32" and curve.meta["layers"] == [0, 1]
@@ -187,8 +188,7 @@ def test_calibrate_command_fits_a_curve_for_the_asked_dtype(tmp_path, data_dir):
     assert rr.curve is not None and rr.curve.meta == curve.meta
     with pytest.raises(CurveMismatchError, match="dtype: curve has 'float32', probe has 'bfloat16'"):
         curve.check_compatible({**rr.probe_meta(), "dtype": "bfloat16"})
-    with pytest.raises(SystemExit):
-        main(["--config", str(cfg), "--out", str(out), "--dtype", "int8"])
+    assert main(["calibrate", "--config", str(cfg), "--out", str(out), "--dtype", "int8"]) == 2
 
 
 def _weak_first_slot_sweep(questions: int, seed: int, n: int = 20) -> np.ndarray:
@@ -253,7 +253,7 @@ def test_offsets_even_out_recall_over_slots_on_held_out_questions(knots):
 
 def test_sweep_choice_measures_each_candidate_on_held_out_halves():
     """The form and offset shape are chosen on halves of the sweep the candidate was not fitted on."""
-    from rerank.calibrate import OFFSET_SHAPES, choose_by_sweep
+    from calibration.select import OFFSET_SHAPES, choose_by_sweep
 
     sweep = _weak_first_slot_sweep(40, 2)
     scored = [(row[g], g) for row in _weak_first_slot_sweep(6, 3) for g in range(20)]
@@ -304,9 +304,11 @@ def test_bad_sweeps_and_knots_are_refused():
 
 
 @pytest.mark.slow
-def test_calibrate_command_chooses_offsets_on_a_dev_sweep(tmp_path, data_dir, capsys):
+def test_calibrate_command_chooses_offsets_on_a_dev_sweep(tmp_path, capsys):
     """``--equalise-questions``: a sweep over dev questions, cached, and a cross-validated choice."""
-    from rerank.calibrate import OFFSET_SHAPES, main, save_sweep_store
+    from calibration.select import OFFSET_SHAPES
+    from calibration.stores import save_sweep_store
+    from rerank.cli import main
 
     cfg = tmp_path / "fit.yaml"
     cfg.write_text(
@@ -315,13 +317,13 @@ def test_calibrate_command_chooses_offsets_on_a_dev_sweep(tmp_path, data_dir, ca
         encoding="utf-8",
     )
     out, cache = tmp_path / "even.json", tmp_path / "passes"
-    args = ["--config", str(cfg), "--out", str(out), "--lists", "16", "--dtype", "float32"]
+    args = ["calibrate", "--config", str(cfg), "--out", str(out), "--lists", "16", "--dtype", "float32"]
     store = tmp_path / "sweep.npz"
-    args += ["--equalise-questions", "2", "--cache-dir", str(cache), "--data-dir", str(data_dir)]
+    args += ["--equalise-questions", "2", "--cache-dir", str(cache), "--no-progress"]
     assert main([*args, "--sweep-store", str(store)]) == 0
     curve = BiasCurve.load(out)
     fit = curve.meta["fit"]
-    assert "sweep over 2 more dev questions" in fit["data"]
+    assert "sweep over 2 more questions" in fit["data"]
     table = fit["sweep_choice"]["candidates"]
     assert {k.split("/")[1] for k in table} == set(OFFSET_SHAPES)
     best = max(table, key=lambda k: table[k]["objective"])
@@ -335,15 +337,15 @@ def test_calibrate_command_chooses_offsets_on_a_dev_sweep(tmp_path, data_dir, ca
     for f in cache.glob("*.npz"):
         f.unlink()
     again = tmp_path / "again.json"
-    assert main([*args[:3], str(again), *args[4:], "--sweep-store", str(store)]) == 0
+    assert main([*args[:4], str(again), *args[5:], "--sweep-store", str(store)]) == 0
     assert not list(cache.glob("*.npz")), "questions in the store must not be probed again"
     assert BiasCurve.load(again).offset == curve.offset
     # --lists-store keeps the fitting lists' scores: a refit reads them (altered here, so that reading
     # shows in the curve) instead of probing, and a store of other lists is refused.
-    from rerank.calibrate import load_lists_store, save_lists_store
+    from calibration.stores import load_lists_store, save_lists_store
 
     lists_store = tmp_path / "lists.npz"
-    stored = [*args[:3], str(tmp_path / "stored.json"), *args[4:], "--sweep-store", str(store)]
+    stored = [*args[:4], str(tmp_path / "stored.json"), *args[5:], "--sweep-store", str(store)]
     assert main([*stored, "--lists-store", str(lists_store)]) == 0
     first = BiasCurve.load(tmp_path / "stored.json")
     assert first.mean.keys() == curve.mean.keys()
@@ -369,7 +371,7 @@ def test_calibrate_command_chooses_offsets_on_a_dev_sweep(tmp_path, data_dir, ca
     bf16 = tmp_path / "sweep-bf16.npz"
     save_sweep_store(bf16, {**meta, "dtype": "bfloat16"}, rows)
     other = tmp_path / "other.json"
-    refit = [*args[:3], str(other), *args[4:], "--sweep-store", str(bf16)]
+    refit = [*args[:4], str(other), *args[5:], "--sweep-store", str(bf16)]
     assert main(refit) == 2
     assert main([*refit, "--sweep-dtype", "bfloat16"]) == 0
     assert not list(cache.glob("*.npz")), "a store in another dtype is read, never probed into"
@@ -405,15 +407,14 @@ def test_calibrate_command_chooses_offsets_on_a_dev_sweep(tmp_path, data_dir, ca
     assert "sweep_dtype" not in refitted.meta["fit"] and "bfloat16" not in refitted.meta["fit"]["data"]
     assert not np.allclose(refitted.mean[20], moved.mean[20])
     assert main([*refit, "--native-sweep-store", str(native)]) == 2, "it goes with --sweep-dtype"
-    no_sweep = [*args[:8], "--data-dir", str(data_dir), "--sweep-dtype", "bfloat16"]
+    no_sweep = [*args[:9], "--sweep-dtype", "bfloat16"]
     assert main(no_sweep) == 2, "--sweep-dtype names the dtype of a sweep"
-    with pytest.raises(SystemExit):
-        main([*args[:-4], "--equalise-questions", "x"])
+    assert main([*args[:-5], "--equalise-questions", "x"]) == 2
 
 
 def test_sweep_store_round_trip_and_refusal(tmp_path):
     """The sweep store keeps rows by question id and refuses settings it was not made with."""
-    from rerank.calibrate import load_sweep_store, save_sweep_store
+    from calibration.stores import load_sweep_store, save_sweep_store
 
     meta = {"model_id": "m", "dtype": "bfloat16", "layers": [12, 19], "sweep_length": 20}
     rows = {"nq2": np.full((20, 20), 2.0), "nq10": np.arange(400.0).reshape(20, 20)}
@@ -428,11 +429,11 @@ def test_sweep_store_round_trip_and_refusal(tmp_path):
     assert not list(tmp_path.glob("*.tmp")), "the write is atomic: no temporary file left"
 
 
-def test_shipped_sweep_store_reproduces_the_default_curves_offset_fit(data_dir):
+def test_shipped_sweep_store_reproduces_the_default_curves_offset_fit():
     """The store beside the default's curve holds the dev sweep its offsets were fitted on: that curve
     applied to those questions' lists gives the recall@1 and bin spread recorded when it was fitted."""
     from calibration.curve import bin_spread, sweep_recall
-    from eval.nq import load_nq
+    from calibration.lists import load_calibration_items
 
     store = REPO / "calibration" / "curves" / "smollm2-135m-nacal.sweep.npz"
     curve = BiasCurve.load(store.with_name("smollm2-135m-nacal.json"))
@@ -442,7 +443,7 @@ def test_shipped_sweep_store_reproduces_the_default_curves_offset_fit(data_dir):
         rows = dict(zip(z["qids"].tolist(), z["scores"].astype(np.float64), strict=True))
     for key in ("model_id", "weights_hash", "dtype", "layers", "score_kind", "template"):
         assert meta[key] == curve.meta[key], key
-    dev = load_nq(data_dir)[1][: fitted["questions"]]
+    dev = load_calibration_items()[: fitted["questions"]]
     sweep = np.stack([rows[it.qid] for it in dev])
     corrected = np.array([[curve.apply(s) for s in lists] for lists in sweep])
     per_slot = sweep_recall(corrected)
@@ -451,14 +452,14 @@ def test_shipped_sweep_store_reproduces_the_default_curves_offset_fit(data_dir):
 
 
 @pytest.mark.slow
-def test_shipped_fp32_curve_is_refitted_from_its_stores(tmp_path, data_dir):
+def test_shipped_fp32_curve_is_refitted_from_its_stores(tmp_path):
     """The fp32 curve the default applies is reproduced, without a pass, from the stores beside it: the
     fitting lists' fp32 scores and the dev sweep's bf16 and fp32 rows (copied, so that nothing in the
     repository is rewritten)."""
     import shutil
 
-    from rerank.calibrate import fit_for
     from rerank.config import load_config
+    from rerank.probe.fit import fit_for
 
     curves = REPO / "calibration" / "curves"
     shipped = BiasCurve.load(curves / "smollm2-135m-nacal-fp32.json")
@@ -475,7 +476,6 @@ def test_shipped_fp32_curve_is_refitted_from_its_stores(tmp_path, data_dir):
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"dtype": "float32"})})
     curve, report = fit_for(
         cfg,
-        data_dir,
         equalise_questions=fit["offset"]["questions"],
         cache_dir=tmp_path / "passes",
         sweep_store=stores["smollm2-135m-nacal.sweep.npz"],
@@ -491,3 +491,15 @@ def test_shipped_fp32_curve_is_refitted_from_its_stores(tmp_path, data_dir):
         np.testing.assert_allclose(curve.mean[n], shipped.mean[n], atol=1e-6)
         np.testing.assert_allclose(curve.sd[n], shipped.sd[n], atol=1e-6)
     np.testing.assert_allclose(curve.offsets(20), shipped.offsets(20), atol=1e-6)
+
+
+def test_shipped_calibration_lists_are_the_dev_part_of_the_data(data_dir):
+    """The lists inside the package are exactly the NQ-open dev items the benchmark harness builds from the
+    shared data (same order, gold passages and distractors), and hold none of the test questions."""
+    from calibration.lists import load_calibration_items
+    from eval.nq import load_nq
+
+    test, dev = load_nq(data_dir)
+    shipped = load_calibration_items()
+    assert shipped == dev
+    assert not {it.qid for it in test} & {it.qid for it in shipped}

@@ -118,8 +118,8 @@ def test_a_config_can_be_named(tmp_path, monkeypatch):
 
 
 def test_default_config_loads_and_names_registered_parts():
-    from rerank.calibrators import CALIBRATORS
-    from rerank.reranker import PROBE_ENGINES
+    from rerank.engines import PROBE_ENGINES
+    from rerank.probe.calibrators import CALIBRATORS
 
     cfg = load_config("configs/default.yaml")
     assert cfg.probe.engine in PROBE_ENGINES

@@ -8,9 +8,9 @@ import torch
 from samples import PASSAGES, QUERY
 
 from rerank.config import ModelConfig, ProbeConfig
-from rerank.model import load_model, wrap_model
-from rerank.probe import AttentionProbe, check_supported, reference_rows
-from rerank.prompt import NA_QUERY, build_prompt
+from rerank.probe.capture import AttentionProbe, check_supported, reference_rows
+from rerank.probe.model import load_model, wrap_model
+from rerank.probe.prompt import NA_QUERY, build_prompt
 from rerank.records import Hit, Passage
 
 
@@ -158,7 +158,7 @@ def test_early_exit_keeps_scores_and_skips_later_layers(smol32):
 
 
 def test_content_free_calibration_finds_the_answer(smol32):
-    from rerank.reranker import AttentionReranker
+    from rerank.engines import AttentionReranker
 
     rr = AttentionReranker(smol32, ProbeConfig(window_size=20))
     ranked = rr.rerank(QUERY, PASSAGES)
@@ -168,9 +168,9 @@ def test_content_free_calibration_finds_the_answer(smol32):
 
 
 def test_ratio_score_pools_layers_before_the_log_and_finds_the_answer(smol32):
-    from rerank.probe import stats_of
-    from rerank.reranker import AttentionReranker
-    from rerank.scoring import passage_scores
+    from rerank.engines import AttentionReranker
+    from rerank.probe.capture import stats_of
+    from rerank.probe.scoring import passage_scores
 
     out = AttentionProbe(smol32, layers=(12, 19)).probe(QUERY, PASSAGES, content_free=True)
     # Independently of the per-head arrays: token rows summed over heads, then over each passage's span.
@@ -186,7 +186,7 @@ def test_ratio_score_pools_layers_before_the_log_and_finds_the_answer(smol32):
 
 
 def test_windows_are_standardised_including_a_lone_last_window(smol32):
-    from rerank.reranker import AttentionReranker
+    from rerank.engines import AttentionReranker
 
     # 4 passages in windows of 3: the last window holds one passage, whose score cannot be
     # standardised against anything and must not dwarf the z-scores of the first window.
@@ -199,7 +199,7 @@ def test_windows_are_standardised_including_a_lone_last_window(smol32):
 
 
 def test_edge_cases(smol32):
-    from rerank.reranker import AttentionReranker
+    from rerank.engines import AttentionReranker
 
     rr = AttentionReranker(smol32, ProbeConfig(passage_max_tokens=8))
     assert len(rr.rerank(QUERY, [])) == 0
@@ -217,7 +217,7 @@ def test_edge_cases(smol32):
 
 
 def test_plain_strings_and_top_k(smol32):
-    from rerank.reranker import AttentionReranker, IdentityReranker
+    from rerank.engines import AttentionReranker, IdentityReranker
 
     rr = AttentionReranker(smol32, ProbeConfig(layers=(12, 19), nacal_form="ratio"))
     as_passages = rr.rerank(QUERY, PASSAGES)
@@ -250,8 +250,8 @@ def test_plain_strings_and_top_k(smol32):
 
 
 def test_both_prompt_orders_average_the_two_passes(smol32):
-    from rerank.reranker import AttentionReranker
-    from rerank.scoring import zscore
+    from rerank.engines import AttentionReranker
+    from rerank.probe.scoring import zscore
 
     def reranker(order, **kw):
         return AttentionReranker(
@@ -287,7 +287,7 @@ def test_both_prompt_orders_average_the_two_passes(smol32):
 
 
 def test_windows_cover_all_candidates(smol32):
-    from rerank.reranker import AttentionReranker
+    from rerank.engines import AttentionReranker
 
     rr = AttentionReranker(smol32, ProbeConfig(window_size=3, layers=(0, 5)))
     ranked = rr.rerank(QUERY, PASSAGES * 1 + [Passage(id="x", text="An unrelated sentence about tea.")])

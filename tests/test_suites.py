@@ -120,7 +120,7 @@ def test_position_suite(data_dir: Path, tmp_path: Path, smol_model, monkeypatch:
     # that the reversed prompt order puts every passage in the sweep's slot). The sweep reads one prompt
     # per list, so the reranker is held to the default's first prompt order.
     from eval.nq import load_nq
-    from rerank.reranker import AttentionReranker
+    from rerank.engines import AttentionReranker
     from retrievers.bm25 import BM25Retriever
     from retrievers.records import Hit
 
@@ -166,12 +166,12 @@ def test_position_suite(data_dir: Path, tmp_path: Path, smol_model, monkeypatch:
             assert z["qids"].tolist() == sorted(r["per_question"]["qids"])
             assert z["scores"].shape == (3, 20, 20)
     # Every question is in the store now: a run makes no pass and reports the same ranks.
-    import eval.probe_stats
+    import rerank.probe.fit
 
     def no_pass(*a: object, **k: object) -> None:
         raise AssertionError("a stored question was probed again")
 
-    monkeypatch.setattr(eval.probe_stats, "collect", no_pass)
+    monkeypatch.setattr(rerank.probe.fit, "collect", no_pass)
     # timing_lists=0 (a run that only fills or reads a store) leaves the timing keys out, not NaN.
     again = _run("position", data_dir, tmp_path, "questions=3", "timing_lists=0", "cv=0", store)
     assert again["per_question"] == no_cv["per_question"]
@@ -257,9 +257,10 @@ def test_heads_suite_reads_the_default_as_the_reranker_does(data_dir: Path, smol
     """The weight grid is only evidence for the reranker if the suite scores lists as the reranker does."""
     from eval.heads import default_scores
     from eval.scifact_stats import scifact_passes, scifact_windows
-    from rerank.calibrators import ScoreSettings
     from rerank.config import load_config
-    from rerank.reranker import AttentionReranker, prompt_orders
+    from rerank.engines import AttentionReranker
+    from rerank.engines.base import prompt_orders
+    from rerank.probe.calibrators import ScoreSettings
 
     cfg = load_config(REPO / "configs" / "default.yaml")
     assert prompt_orders(cfg.probe) == ("reversed", "retriever")

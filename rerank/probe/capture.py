@@ -33,10 +33,10 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
-from rerank.model import LoadedModel
-from rerank.prompt import NA_QUERY, ProbePrompt, PromptTemplate, build_prompt
+from rerank.probe.model import LoadedModel
+from rerank.probe.prompt import NA_QUERY, ProbePrompt, PromptTemplate, build_prompt
+from rerank.probe.scoring import PassageStats
 from rerank.records import Passage
-from rerank.scoring import PassageStats
 
 ATTN_NAME = "attn_probe"
 

@@ -1,87 +1,48 @@
-"""The reranker API: ``rerank(query, passages, top_k) -> RankedList``. Probe engines are registered.
-
-``attention``  the attention probe (one prefill per window of passages).
-``identity``   keeps the retriever's order: the control every figure should be read against.
-
-Baselines (``icr-reference``, ``listwise``, ``pointwise``, ``shuffle``) live in :mod:`rerank.baselines`
-and register themselves when this module is imported.
-"""
+"""The attention probe as a reranker: one prefill per window of passages, read in one or two prompt
+orders, corrected for positional bias and optionally fused with the first-stage scores."""
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
+import importlib.resources
 import logging
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from calibration.curve import MATCH_KEYS, BiasCurve, pick_compatible
-from rerank.calibrators import CALIBRATORS, ScoreSettings
 from rerank.config import CalibrationConfig, PipelineConfig, ProbeConfig
-from rerank.model import LoadedModel
-from rerank.prompt import PromptTemplate
-from rerank.records import Hit, Passage, Query, RankedList, ScoredPassage
-from rerank.scoring import zscore
-from retrievers.registry import Registry
+from rerank.engines.base import (
+    PROBE_ENGINES,
+    Candidate,
+    as_query,
+    check_top_k,
+    probe_windows,
+    prompt_slots,
+    rerank_many,
+    split_candidates,
+    to_candidate_order,
+    window_orders,
+)
+from rerank.probe.calibrators import CALIBRATORS, ScoreSettings
+from rerank.probe.model import LoadedModel
+from rerank.probe.prompt import PromptTemplate
+from rerank.probe.scoring import zscore
+from rerank.records import Passage, Query, RankedList, ScoredPassage
 
 logger = logging.getLogger(__name__)
 
-PROBE_ENGINES: Registry[Any] = Registry("probe engine")
-CURVES_DIR = Path(__file__).resolve().parent.parent / "calibration" / "curves"
-
-Candidate = Passage | Hit | ScoredPassage | str
-
-
-def as_query(query: str | Query) -> Query:
-    return query if isinstance(query, Query) else Query(text=query)
-
-
-def check_top_k(top_k: int | None) -> int | None:
-    """``top_k`` checked before any work: None keeps every candidate, otherwise an integer >= 0."""
-    if top_k is None:
-        return None
-    if isinstance(top_k, bool) or not isinstance(top_k, int | np.integer) or top_k < 0:
-        raise ValueError(f"top_k must be None or an integer >= 0, got {top_k!r}")
-    return int(top_k)
-
-
-def split_candidates(cands: Sequence[Candidate]) -> tuple[list[Passage], list[float] | None]:
-    """Passages and (when every candidate has one) first-stage scores, in the given order.
-
-    A plain string becomes a passage whose id is its index in ``cands``.
-    """
-    if isinstance(cands, str):
-        raise TypeError("candidates must be a sequence of passages, got one string")
-    passages, scores = [], []
-    for i, c in enumerate(cands):
-        if isinstance(c, str):
-            if not c.strip():
-                raise ValueError(f"candidate {i} is an empty string")
-            passages.append(Passage(id=str(i), text=c))
-            scores.append(None)
-        elif isinstance(c, Passage):
-            passages.append(c)
-            scores.append(None)
-        elif isinstance(c, Hit):
-            passages.append(c.passage)
-            scores.append(c.score)
-        elif isinstance(c, ScoredPassage):
-            passages.append(c.passage)
-            scores.append(c.first_stage_score if c.first_stage_score is not None else c.score)
-        else:
-            raise TypeError(f"candidates must be str, Passage, Hit or ScoredPassage, got {type(c).__name__}")
-    ids = [p.id for p in passages]
-    if len(set(ids)) != len(ids):
-        dup = sorted({i for i in ids if ids.count(i) > 1})
-        raise ValueError(f"duplicate passage ids among candidates: {dup[:5]}")
-    return passages, (None if any(s is None for s in scores) else [float(s) for s in scores])
-
+CURVES_DIR = Path(str(importlib.resources.files("calibration") / "curves"))
 
 def resolve_curve_path(name: str) -> Path:
+    """A curve file: one shipped in the package's curves folder, else a path (absolute or relative to the
+    working directory)."""
     p = Path(name)
     for cand in (CURVES_DIR / p, CURVES_DIR / p.name, p):
         if cand.is_file():
@@ -105,30 +66,40 @@ def template_id(template: PromptTemplate) -> str:
     return hashlib.sha256(repr(asdict(template)).encode()).hexdigest()[:12]
 
 
-def prompt_orders(probe: ProbeConfig) -> tuple[str, ...]:
-    """The prompt orders each window is probed in: ``both`` is ``reversed`` then ``retriever``."""
-    return ("reversed", "retriever") if probe.prompt_order == "both" else (probe.prompt_order,)
+@dataclass(frozen=True)
+class ProbeTrace:
+    """One probed prompt, kept while :func:`trace_probes` is active (for the explain view).
+
+    Attributes:
+        passages: The passages in prompt order.
+        output: The probe output (token-level rows of the query and ``N/A`` passes, spans, prompt).
+        stats: The per-passage arrays the scores were computed from.
+        raw: Raw scores, prompt order.
+        calibrated: Calibrated scores, prompt order.
+    """
+
+    passages: tuple[Passage, ...]
+    output: Any
+    stats: Any
+    raw: np.ndarray
+    calibrated: np.ndarray
 
 
-def prompt_slots(n: int, order: str) -> list[int]:
-    """Prompt slot -> candidate index for a window of ``n`` candidates in retriever order (best first);
-    ``reversed`` puts the best one last, next to the query; ``retriever`` keeps the order."""
-    if order not in ("reversed", "retriever"):
-        raise ValueError(f"unknown prompt order {order!r}; a single prompt is 'reversed' or 'retriever'")
-    return list(range(n))[::-1] if order == "reversed" else list(range(n))
+# Off by default: the probe's outputs are dropped once scored. Only a caller inside trace_probes() (this
+# thread or task) keeps them; the token rows are computed by every probe anyway, so keeping them costs
+# memory (2 x layers x prompt tokens floats per prompt), not time.
+_TRACE: contextvars.ContextVar[list[ProbeTrace] | None] = contextvars.ContextVar("probe_trace", default=None)
 
 
-def window_orders(n: int, probe: ProbeConfig) -> tuple[str, ...]:
-    """The prompt orders a window of ``n`` candidates is probed in: one passage reads the same prompt in
-    either order, so it is probed once."""
-    return prompt_orders(probe)[:1] if n < 2 else prompt_orders(probe)
-
-
-def to_candidate_order(in_slot_order: np.ndarray, order: str) -> np.ndarray:
-    """Values given per prompt slot of a prompt in ``order``, rearranged into candidate order."""
-    out = np.empty(len(in_slot_order))
-    out[prompt_slots(len(in_slot_order), order)] = in_slot_order
-    return out
+@contextmanager
+def trace_probes() -> Iterator[list[ProbeTrace]]:
+    """Keep every prompt the attention reranker probes inside the block, in probing order."""
+    kept: list[ProbeTrace] = []
+    token = _TRACE.set(kept)
+    try:
+        yield kept
+    finally:
+        _TRACE.reset(token)
 
 
 def merge_orders(per_order: Sequence[np.ndarray]) -> np.ndarray:
@@ -139,54 +110,12 @@ def merge_orders(per_order: Sequence[np.ndarray]) -> np.ndarray:
     return np.mean([zscore(c) for c in per_order], axis=0)
 
 
-def probe_windows(n: int, probe: ProbeConfig) -> list[range]:
-    """Consecutive windows of at most ``probe.window_size`` candidates that share one prompt each."""
-    w = probe.window_size
-    return [range(i, min(i + w, n)) for i in range(0, n, w)]
-
-
-@PROBE_ENGINES.register("identity")
-class IdentityReranker:
-    """Keeps the first-stage order (a control)."""
-
-    needs_model = False
-
-    def __init__(self, *_: Any, **__: Any) -> None:
-        pass
-
-    def rerank(
-        self, query: str | Query, passages: Sequence[Candidate], top_k: int | None = None
-    ) -> RankedList:
-        t0 = time.perf_counter()
-        top_k = check_top_k(top_k)
-        q = as_query(query)
-        ps, fs = split_candidates(passages)
-        n = len(ps)
-        items = tuple(
-            ScoredPassage(
-                passage=p, score=float(n - i), rank=i + 1, first_stage_score=None if fs is None else fs[i]
-            )
-            for i, p in enumerate(ps)
-        )
-        info = {"seconds": time.perf_counter() - t0}
-        return RankedList(query=q, items=items[:top_k], info=info)
-
-    def rerank_batch(
-        self,
-        queries: Sequence[str | Query],
-        lists: Sequence[Sequence[Candidate]],
-        top_k: int | None = None,
-        show_progress: bool = False,
-    ) -> list[RankedList]:
-        return [self.rerank(q, c, top_k=top_k) for q, c in zip(queries, lists, strict=True)]
-
-
 @PROBE_ENGINES.register("attention")
 class AttentionReranker:
     """Reranks passages by calibrated query-to-passage attention.
 
     Args:
-        model: A loaded model (see :func:`rerank.model.load_model`).
+        model: A loaded model (see :func:`rerank.probe.model.load_model`).
         probe: Probe settings (layers, heads, aggregation, windows).
         calibration: Which calibrator, and the curve file for the curve calibrators.
         template: Prompt wording (shared with the generator).
@@ -206,7 +135,7 @@ class AttentionReranker:
         template: PromptTemplate | None = None,
         curve: BiasCurve | None = None,
     ) -> None:
-        from rerank.probe import AttentionProbe
+        from rerank.probe.capture import AttentionProbe
 
         self.model = model
         self.cfg = probe or ProbeConfig()
@@ -226,7 +155,7 @@ class AttentionReranker:
 
     @classmethod
     def from_config(cls, cfg: PipelineConfig, model: LoadedModel | None = None) -> AttentionReranker:
-        from rerank.model import load_model
+        from rerank.probe.model import load_model
 
         return cls(model or load_model(cfg.model), cfg.probe, cfg.calibration)
 
@@ -247,7 +176,7 @@ class AttentionReranker:
 
     def _probe_scores(self, query: str, prompt_passages: Sequence[Passage]) -> tuple[np.ndarray, np.ndarray]:
         """Raw and calibrated scores of passages probed in exactly the given prompt order."""
-        from rerank.probe import stats_of
+        from rerank.probe.capture import stats_of
 
         out = self.engine.probe(
             query,
@@ -257,7 +186,12 @@ class AttentionReranker:
             template=self.template,
         )
         slots = list(range(len(prompt_passages)))
-        return self.calibrator(stats_of(out), slots, ScoreSettings.of(self.cfg), self.curve)
+        stats = stats_of(out)
+        raw, cal = self.calibrator(stats, slots, ScoreSettings.of(self.cfg), self.curve)
+        kept = _TRACE.get()
+        if kept is not None:
+            kept.append(ProbeTrace(tuple(prompt_passages), out, stats, raw, cal))
+        return raw, cal
 
     def score_window(
         self, query: str, passages: Sequence[Passage]
@@ -358,41 +292,3 @@ class AttentionReranker:
         return rerank_many(self, queries, lists, top_k=top_k, show_progress=show_progress)
 
 
-def rerank_many(
-    reranker: Any,
-    queries: Sequence[str | Query],
-    lists: Sequence[Sequence[Candidate]],
-    *,
-    top_k: int | None = None,
-    show_progress: bool = True,
-    desc: str = "rerank",
-) -> list[RankedList]:
-    """``reranker.rerank`` over paired queries and candidate lists, with a progress bar.
-
-    Raises:
-        ValueError: The two sequences differ in length.
-    """
-    from tqdm.auto import tqdm
-
-    if len(queries) != len(lists):
-        raise ValueError(f"{len(queries)} queries but {len(lists)} candidate lists")
-    it = zip(queries, lists, strict=True)
-    return [
-        reranker.rerank(q, c, top_k=top_k)
-        for q, c in tqdm(it, total=len(queries), desc=desc, unit="q", disable=not show_progress)
-    ]
-
-
-def build_reranker(cfg: PipelineConfig, model: LoadedModel | None = None) -> Any:
-    """The probe engine named by ``cfg.probe.engine``."""
-    engine = PROBE_ENGINES.get(cfg.probe.engine)
-    if engine is IdentityReranker:
-        return IdentityReranker()
-    return engine.from_config(cfg, model)
-
-
-__all__ = ["PROBE_ENGINES", "AttentionReranker", "IdentityReranker", "build_reranker", "rerank_many"]
-
-# The baselines register in PROBE_ENGINES on import; importing them here makes every engine name
-# resolvable wherever the registry is used. They import torch only when they run.
-import rerank.baselines  # noqa: E402, F401

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from calibration.curve import BiasCurve
-from rerank.scoring import PassageStats, passage_scores
+from rerank.probe.scoring import PassageStats, passage_scores
 from retrievers.registry import Registry
 
 

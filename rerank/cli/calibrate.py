@@ -1,0 +1,193 @@
+"""``attn-rerank calibrate``: fit the positional-bias curve for a model and probe configuration.
+
+The curve is fitted on calibration lists: the NQ-open dev lists shipped with the package by default, or
+the user's own JSONL (``--data``, see :mod:`calibration.lists`). It writes the curve JSON, a PNG of the
+bias before and after correction, and a config YAML beside them that uses the curve.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from rerank.cli.common import EXIT_OK, UsageError, load_cli_config, positive_int
+from rerank.config import is_config_name
+
+#: The shipped default reads layers 12-19 of the embedded model's 30: the middle of the network, where
+#: the relevance signal peaks (see DESIGN.md). Another model gets the same fraction of its depth.
+BAND = (12 / 30, 19 / 30)
+
+
+def layer_band(num_layers: int) -> tuple[int, int]:
+    """The default config's layer band scaled to a model with ``num_layers`` layers."""
+    first = min(int(BAND[0] * num_layers), num_layers - 1)
+    last = max(first, min(int(BAND[1] * num_layers), num_layers - 1))
+    return first, last
+
+
+def _config_for(args: argparse.Namespace) -> Any:
+    cfg = load_cli_config(args.config)
+    name = args.model
+    if name is not None and Path(name).expanduser().is_dir():
+        # A folder is recorded absolute: the curve and the config written beside it then name the same
+        # model from whatever folder they are used.
+        name = str(Path(name).expanduser().resolve())
+    model = cfg.model.model_copy(
+        update={k: v for k, v in (("name", name), ("dtype", args.dtype)) if v is not None}
+    )
+    cal = cfg.calibration
+    if not cal.name.startswith("curve"):
+        cal = cal.model_copy(update={"name": "curve+content-free"})
+    return cfg.model_copy(update={"model": model, "calibration": cal.model_copy(update={"curve": None})})
+
+
+def _write_config(path: Path, cfg: Any, curve_path: Path, base: str) -> None:
+    import yaml
+
+    doc = {
+        "extends": base,
+        "model": {"name": cfg.model.name, "dtype": cfg.model.dtype},
+        "probe": {"layers": list(cfg.probe.layers) if cfg.probe.layers else None},
+        "calibration": {"name": cfg.calibration.name, "curve": str(curve_path.resolve())},
+    }
+    header = f"# Written by attn-rerank calibrate: the curve {curve_path.name} applied to {cfg.model.name}.\n"
+    path.write_text(header + yaml.safe_dump(doc, sort_keys=False))
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Fit, then write ``OUT`` (curve), ``OUT.png`` and ``OUT.yaml`` (a config that uses it)."""
+    from calibration.lists import load_calibration_items
+    from calibration.plots import plot_curve
+    from rerank.probe.fit import fit_for
+    from rerank.probe.model import load_model
+
+    cfg = _config_for(args)
+    try:
+        items = load_calibration_items(args.data)
+    except (FileNotFoundError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        model = load_model(cfg.model)
+    except (OSError, ValueError, ImportError) as exc:
+        raise UsageError(f"cannot load model {cfg.model.name!r}: {exc}") from None
+    if args.layers is not None:
+        band = tuple(args.layers)
+    elif args.model is not None:
+        band = layer_band(model.num_layers)
+    else:
+        band = cfg.probe.layer_range
+    if band is not None and band[1] >= model.num_layers:
+        raise UsageError(f"layers {list(band)} do not exist: the model has {model.num_layers} (0-based)")
+    if band is not None and cfg.probe.head_set is None:
+        cfg = cfg.model_copy(update={"probe": cfg.probe.model_copy(update={"layers": band})})
+    label = None if args.data is None else f"the user's calibration lists {Path(args.data).name}"
+    try:
+        curve, report = fit_for(
+            cfg,
+            items,
+            n_lists=args.lists,
+            model=model,
+            equalise_questions=args.equalise_questions,
+            cache_dir=args.cache_dir,
+            sweep_store=args.sweep_store,
+            sweep_dtype=args.sweep_dtype,
+            lists_store=args.lists_store,
+            native_sweep_store=args.native_sweep_store,
+            data_label=label,
+            show_progress=not args.no_progress,
+        )
+    except (FileNotFoundError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    out: Path = args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    curve.save(out)
+    png = out.with_suffix(".png")
+    plot_curve(curve, report.get("plot_lists", report["scored"]), png)
+    yml = out.with_suffix(".yaml")
+    ref = str(args.config)
+    _write_config(yml, cfg, out, ref if is_config_name(ref) else str(args.config.resolve()))
+    recall = ", ".join(f"{k} {v:.3f}" for k, v in report["heldout_recall@1"].items())
+    print(f"wrote {out}, {png} and {yml}", file=sys.stderr)
+    print(f"correction: {report['mode']}; held-out gold recall@1: {recall}", file=sys.stderr)
+    if "offset_shape" in report:
+        print(f"per-slot offsets: {report['offset_shape']}", file=sys.stderr)
+    print(f"use it: attn-rerank run --config {yml} ..., or Pipeline.from_config('{yml}')", file=sys.stderr)
+    return EXIT_OK
+
+
+def add_parser(sub: argparse._SubParsersAction, fmt: type[argparse.HelpFormatter]) -> None:
+    """Register ``calibrate``."""
+    p = sub.add_parser(
+        "calibrate",
+        help="fit the positional-bias curve for a model (yours or the embedded one)",
+        description="Fit the positional-bias curve of a model and probe configuration. Writes OUT (the\n"
+        "curve, JSON), OUT.png (bias before and after correction) and OUT.yaml (a config that uses it).",
+        epilog="examples:\n"
+        "  attn-rerank calibrate --model Qwen/Qwen2.5-7B-Instruct --out qwen-curve.json\n"
+        "  attn-rerank calibrate --model ./my-model --data my-lists.jsonl --out my-curve.json\n\n"
+        "exit codes:\n  0    the curve was written\n  2    bad arguments, config, data or model\n",
+        formatter_class=fmt,
+    )
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=Path("default"),
+        metavar="CFG",
+        help="pipeline config the curve is for (default: %(default)s); its curve, if any, is not used",
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="model to calibrate: a local folder or a Hugging Face id in the local cache (default: the "
+        "config's); its layer band becomes the default's share of its depth unless --layers is given",
+    )
+    p.add_argument("--layers", type=int, nargs=2, metavar=("FIRST", "LAST"), help="layer band to read")
+    p.add_argument("--out", type=Path, required=True, metavar="CURVE.json", help="curve file to write")
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        metavar="LISTS.jsonl",
+        help="your calibration lists, one JSON line per question: {query, positive, negatives (>= 19)} "
+        "(default: the NQ-open dev lists shipped with the package)",
+    )
+    p.add_argument("--lists", type=positive_int, default=240, help="fitting lists (default %(default)s)")
+    p.add_argument(
+        "--equalise-questions",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also sweep K questions' gold passage over 20 slots and fit per-slot offsets that even out "
+        "its recall@1 (default 0: none); K x 20 passes",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "bfloat16", "float16", "float32"),
+        help="override model.dtype: a curve holds for the dtype it was fitted in",
+    )
+    p.add_argument("--cache-dir", type=Path, help="where the sweep's passes are cached")
+    p.add_argument(
+        "--sweep-store",
+        type=Path,
+        help="an .npz of the sweep's scores by question: questions in it are not probed again, and new "
+        "ones are added (refused if made with other model or probe settings)",
+    )
+    p.add_argument(
+        "--native-sweep-store",
+        type=Path,
+        help="with --sweep-dtype: a sweep store in the model's own dtype; its rows take precedence",
+    )
+    p.add_argument(
+        "--lists-store",
+        type=Path,
+        help="an .npz of the fitting lists' scores: read if it holds the same lists and settings",
+    )
+    p.add_argument(
+        "--sweep-dtype",
+        choices=("bfloat16", "float16", "float32"),
+        help="the --sweep-store was made in this dtype, not the model's (it must hold every swept question)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_calibrate)
