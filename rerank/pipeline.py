@@ -22,6 +22,7 @@ from rerank.policies import ORDER_POLICIES, PRUNE_POLICIES, apply_policy
 from rerank.records import Answer, Hit, Passage, Query, RankedList, ScoredPassage
 
 if TYPE_CHECKING:
+    from rerank.explain import Explanation
     from rerank.reranker import Candidate
 
 logger = logging.getLogger(__name__)
@@ -130,6 +131,16 @@ class Pipeline:
         Plain strings are accepted as candidates; their ids are their indices in ``passages``.
         """
         return self.reranker.rerank(query, passages, top_k=top_k)
+
+    def explain(self, query: str | Query, passages: Sequence[Candidate], **kw: Any) -> Explanation:
+        """Rerank ``passages`` and explain the result (see :mod:`rerank.explain`).
+
+        Keyword options go to :func:`rerank.explain.build.build_explanation` (``counterfactual``,
+        ``top_tokens``). The explanation's scores, ranks and slots are this call's ranking.
+        """
+        from rerank.explain import build_explanation
+
+        return build_explanation(self, query, passages, **kw)
 
     def select(self, ranked: RankedList) -> list[ScoredPassage]:
         """Apply the prune and order policies; returns the passages in the order the generator reads."""
