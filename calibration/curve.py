@@ -19,6 +19,7 @@ that back: they are fitted on lists in which a known relevant passage visits eve
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -221,8 +222,10 @@ class BiasCurve:
             raise FileNotFoundError(f"bias curve not found: {path}")
         try:
             d = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
+        except (ValueError, RecursionError) as exc:  # bad JSON or bad UTF-8
             raise ValueError(f"{path}: not valid JSON: {exc}") from exc
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: a curve file holds a JSON object, got {type(d).__name__}")
         if d.get("format_version") not in READABLE_VERSIONS:
             raise ValueError(
                 f"{path}: curve format version {d.get('format_version')!r}, this version reads "
@@ -230,20 +233,100 @@ class BiasCurve:
             )
         if d.get("mode") not in MODES:
             raise ValueError(f"{path}: unknown mode {d.get('mode')!r}; choose one of: {', '.join(MODES)}")
-
-        def tab(t: dict[str, list[float]]) -> dict[int, np.ndarray]:
-            return {int(n): np.asarray(v, dtype=np.float64) for n, v in t.items()}
-
+        lengths = _check_lengths(path, d.get("lengths"))
+        tables = {}
+        for key in ("mean", "sd", "lower", "upper", "offset"):
+            required = key in ("mean", "sd")
+            tables[key] = _check_table(path, d, key, lengths if key != "offset" else None, required)
+        if d["mode"] == "multiplicative":
+            _check_sign(path, "mean", tables["mean"], strict=True)
+        _check_sign(path, "sd", tables["sd"], strict=False)
+        meta = d.get("meta", {})
+        if not isinstance(meta, dict):
+            raise ValueError(f"{path}: field 'meta' must be an object, got {type(meta).__name__}")
         return cls(
             mode=d["mode"],
-            lengths=[int(n) for n in d["lengths"]],
-            mean=tab(d["mean"]),
-            sd=tab(d["sd"]),
-            lower=tab(d.get("lower", {})),
-            upper=tab(d.get("upper", {})),
-            offset=tab(d.get("offset", {})),
-            meta=d.get("meta", {}),
+            lengths=lengths,
+            mean=tables["mean"],
+            sd=tables["sd"],
+            lower=tables["lower"],
+            upper=tables["upper"],
+            offset=tables["offset"],
+            meta=meta,
         )
+
+
+# A fitted curve holds per-list normalised scores, of order 1; anything this far out is not a curve.
+MAX_CURVE_VALUE = 1e6
+
+
+def _check_lengths(path: Path, value: Any) -> list[int]:
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"{path}: field 'lengths' must be a non-empty list of list lengths, got {value!r}")
+    for n in value:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"{path}: field 'lengths' holds {n!r}; each must be an integer >= 1")
+    if len(set(value)) != len(value):
+        raise ValueError(f"{path}: field 'lengths' lists a length twice: {value}")
+    return list(value)
+
+
+def _check_table(
+    path: Path, d: dict[str, Any], key: str, lengths: list[int] | None, required: bool
+) -> dict[int, np.ndarray]:
+    """One per-length table: a list of ``n`` finite numbers (within ``MAX_CURVE_VALUE``) for each length
+    ``n``; ``lengths`` given: exactly those lengths; None: any lengths (the offsets)."""
+    if key not in d:
+        if required:
+            raise ValueError(f"{path}: required field '{key}' is missing")
+        return {}
+    table = d[key]
+    if not isinstance(table, dict):
+        raise ValueError(
+            f"{path}: field '{key}' must be an object {{length: [values]}}, got {type(table).__name__}"
+        )
+    if not table and not required:
+        return {}
+    out: dict[int, np.ndarray] = {}
+    for k, values in table.items():
+        where = f"{path}: field '{key}.{k}'"
+        try:
+            n = int(k)
+        except ValueError:
+            raise ValueError(f"{where}: the key must be a list length (an integer)") from None
+        if n < 1:
+            raise ValueError(f"{where}: the key must be a list length >= 1")
+        if lengths is not None and n not in lengths:
+            raise ValueError(f"{where}: length {n} is not in 'lengths' {lengths}")
+        if not isinstance(values, list) or len(values) != n:
+            got = f"{len(values)} values" if isinstance(values, list) else type(values).__name__
+            raise ValueError(f"{where}: expected a list of {n} numbers (one per slot), got {got}")
+        for j, v in enumerate(values):
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                raise ValueError(f"{where}[{j}]: expected a number, got {v!r}")
+            try:
+                ok = math.isfinite(float(v)) and abs(float(v)) <= MAX_CURVE_VALUE
+            except OverflowError:
+                ok = False
+            if not ok:
+                raise ValueError(
+                    f"{where}[{j}]: {v!r} is not a finite number within +-{MAX_CURVE_VALUE:g}; "
+                    "the curve file is damaged, refit it"
+                )
+        out[n] = np.asarray(values, dtype=np.float64)
+    if lengths is not None and required:
+        missing = [n for n in lengths if n not in out]
+        if missing:
+            raise ValueError(f"{path}: field '{key}' has no values for length(s) {missing}")
+    return out
+
+
+def _check_sign(path: Path, key: str, table: dict[int, np.ndarray], strict: bool) -> None:
+    for n, v in table.items():
+        bad = np.flatnonzero(v <= 0) if strict else np.flatnonzero(v < 0)
+        if len(bad):
+            need = "> 0" if strict else ">= 0"
+            raise ValueError(f"{path}: field '{key}.{n}'[{bad[0]}] is {v[bad[0]]}; it must be {need}")
 
 
 def _canon(v: Any) -> Any:

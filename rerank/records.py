@@ -8,7 +8,27 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from retrievers.records import Hit, Passage
 
-__all__ = ["Answer", "Hit", "Passage", "Query", "RankedList", "ScoredPassage"]
+__all__ = ["Answer", "Hit", "Passage", "Query", "RankedList", "ScoredPassage", "check_text"]
+
+
+def check_text(value: str, what: str) -> str:
+    """``value`` unchanged when it is valid Unicode text, else a ValueError naming ``what``.
+
+    A lone surrogate (``"\\ud800"`` in JSON) is a valid Python string but not valid Unicode: no
+    tokenizer or UTF-8 writer accepts it, so it is refused where text enters the package rather than
+    deep inside a model call.
+
+    Raises:
+        ValueError: ``value`` holds a lone surrogate code point; the message gives its offset.
+    """
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"{what} is not valid Unicode: a lone surrogate U+{ord(value[exc.start]):04X} at character "
+            f"{exc.start}"
+        ) from None
+    return value
 
 
 class Query(BaseModel):
@@ -24,7 +44,12 @@ class Query(BaseModel):
     def _text_not_blank(cls, v: str) -> str:
         if not v.strip():
             raise ValueError("query text is empty")
-        return v
+        return check_text(v, "query text")
+
+    @field_validator("qid")
+    @classmethod
+    def _qid_valid(cls, v: str) -> str:
+        return check_text(v, "query id")
 
 
 class ScoredPassage(BaseModel):

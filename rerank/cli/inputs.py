@@ -103,7 +103,7 @@ def _candidate(i: int, cand: Any) -> Any:
     if score is None:
         return passage
     if isinstance(score, bool) or not isinstance(score, int | float):
-        raise LineError(f"{where}.score must be a number, got {type(score).__name__}")
+        raise LineError(f"{where}.score must be a finite number, got {type(score).__name__}")
     try:
         value = float(score)
     except OverflowError:  # an integer too large for a float (e.g. 1 followed by 400 zeros)

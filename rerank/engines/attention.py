@@ -62,6 +62,31 @@ def fuse_first_stage(merged: np.ndarray, first_stage: np.ndarray, weight: float)
     return merged + weight * zscore(first_stage)
 
 
+def first_stage_signal(
+    query: str, passages: Sequence[Passage], first: Sequence[float] | None
+) -> np.ndarray | None:
+    """What the probe's scores are fused with: the given first-stage scores; without them, BM25 of the
+    query over the candidates themselves (in-list BM25: title and text, idf over the list). None when
+    the signal is flat (every candidate scores the same, e.g. none shares a word with the query): then
+    nothing is fused.
+
+    The candidates' order is never used as a score: with a 2-passage list, the z-scored rank is +-1, the
+    same size as the probe's own z-scores, so it would cancel the probe and no pair would ever reorder.
+    """
+    if first is not None:
+        fs = np.asarray(first, dtype=np.float64)
+    else:
+        from retrievers.bm25 import in_list_bm25
+        from retrievers.index import indexed_text
+
+        fs = in_list_bm25(query, [indexed_text(p) for p in passages])
+    if len(fs) == 0 or fs.min() == fs.max():
+        return None
+    # z-scoring is scale-free; dividing by the largest magnitude first keeps scores near the float limit
+    # (1e308) from overflowing into inf/NaN in the mean and spread.
+    return fs / np.max(np.abs(fs))
+
+
 def template_id(template: PromptTemplate) -> str:
     return hashlib.sha256(repr(asdict(template)).encode()).hexdigest()[:12]
 
@@ -256,10 +281,10 @@ class AttentionReranker:
         final = merged.copy()
         fused = "none"
         if self.cfg.first_stage_weight > 0:
-            # Without first-stage scores, the retriever's rank stands in for them.
-            fused = "order" if first is None else "scores"
-            fs = np.asarray(first) if first is not None else -np.arange(len(ps), dtype=np.float64)
-            final = fuse_first_stage(final, fs, self.cfg.first_stage_weight)
+            fs = first_stage_signal(q.text, ps, first)
+            if fs is not None:
+                fused = "scores" if first is not None else "in-list-bm25"
+                final = fuse_first_stage(final, fs, self.cfg.first_stage_weight)
         order = sorted(range(len(ps)), key=lambda i: (-final[i], i))
         items = tuple(
             ScoredPassage(

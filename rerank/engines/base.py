@@ -7,6 +7,7 @@ An engine module registers its classes in :data:`PROBE_ENGINES`; :mod:`rerank.en
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -18,7 +19,7 @@ import numpy as np
 from rerank.config import PipelineConfig, ProbeConfig
 from rerank.probe.model import LoadedModel
 from rerank.probe.prompt import PromptTemplate
-from rerank.records import Hit, Passage, Query, RankedList, ScoredPassage
+from rerank.records import Hit, Passage, Query, RankedList, ScoredPassage, check_text
 from retrievers.registry import Registry
 
 logger = logging.getLogger(__name__)
@@ -41,10 +42,22 @@ def check_top_k(top_k: int | None) -> int | None:
     return int(top_k)
 
 
-def split_candidates(cands: Sequence[Candidate]) -> tuple[list[Passage], list[float] | None]:
-    """Passages and (when every candidate has one) first-stage scores, in the given order.
+def _checked_passage(p: Passage, i: int) -> Passage:
+    for name in ("id", "text", "title"):
+        check_text(getattr(p, name), f"candidate {i} {name}")
+    return p
 
-    A plain string becomes a passage whose id is its index in ``cands``.
+
+def split_candidates(cands: Sequence[Candidate]) -> tuple[list[Passage], list[float] | None]:
+    """Passages and their first-stage scores, in the given order: scores for all or for none.
+
+    A plain string becomes a passage whose id is its index in ``cands``. Every text is checked here, at
+    the edge, so that bad input fails with a message rather than inside the model.
+
+    Raises:
+        TypeError: ``cands`` is one string, or a candidate of another type.
+        ValueError: An empty string, text that is not valid Unicode (a lone surrogate), a first-stage
+            score that is NaN or infinite, scores on only some candidates, or duplicate passage ids.
     """
     if isinstance(cands, str):
         raise TypeError("candidates must be a sequence of passages, got one string")
@@ -53,25 +66,33 @@ def split_candidates(cands: Sequence[Candidate]) -> tuple[list[Passage], list[fl
         if isinstance(c, str):
             if not c.strip():
                 raise ValueError(f"candidate {i} is an empty string")
-            passages.append(Passage(id=str(i), text=c))
+            passages.append(Passage(id=str(i), text=check_text(c, f"candidate {i}")))
             scores.append(None)
         elif isinstance(c, Passage):
-            passages.append(c)
+            passages.append(_checked_passage(c, i))
             scores.append(None)
         elif isinstance(c, Hit):
-            passages.append(c.passage)
+            passages.append(_checked_passage(c.passage, i))
             scores.append(c.score)
         elif isinstance(c, ScoredPassage):
-            passages.append(c.passage)
+            passages.append(_checked_passage(c.passage, i))
             scores.append(c.first_stage_score if c.first_stage_score is not None else c.score)
         else:
             raise TypeError(f"candidates must be str, Passage, Hit or ScoredPassage, got {type(c).__name__}")
+        if scores[-1] is not None and not math.isfinite(scores[-1]):
+            raise ValueError(f"candidate {i} has a first-stage score of {scores[-1]!r}; it must be finite")
     ids = [p.id for p in passages]
     if len(set(ids)) != len(ids):
         dup = sorted({i for i in ids if ids.count(i) > 1})
         raise ValueError(f"duplicate passage ids among candidates: {dup[:5]}")
-    return passages, (None if any(s is None for s in scores) else [float(s) for s in scores])
-
+    missing = [i for i, s in enumerate(scores) if s is None]
+    if missing and len(missing) < len(scores):
+        # Fusing some scores and not others would silently rank on two scales: refuse it.
+        raise ValueError(
+            f"{len(scores) - len(missing)} of {len(scores)} candidates have a first-stage score but "
+            f"candidate {missing[0]} has none; give every candidate a score (Hit) or none (Passage, str)"
+        )
+    return passages, (None if missing else [float(s) for s in scores])
 
 
 def prompt_orders(probe: ProbeConfig) -> tuple[str, ...]:

@@ -57,12 +57,24 @@ class ProbePrompt:
         return len(self.input_ids) - self.prefix_len
 
 
+# Characters kept per allowed token before tokenising: far above what any tokenizer packs into one token
+# of ordinary text, so the character cut never decides where a passage ends (the token cut does), but a
+# multi-megabyte passage is never tokenised whole.
+CHARS_PER_TOKEN_BOUND = 64
+
+
 def truncate_text(tokenizer: Any, text: str, max_tokens: int) -> tuple[str, bool]:
-    """Cut ``text`` to its first ``max_tokens`` tokens, at a token boundary in the original string."""
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    """Cut ``text`` to its first ``max_tokens`` tokens, at a token boundary in the original string.
+
+    The text is first cut to ``CHARS_PER_TOKEN_BOUND * max_tokens`` characters, so the work does not grow
+    with the passage's length.
+    """
+    bound = CHARS_PER_TOKEN_BOUND * max_tokens
+    head = text[:bound]
+    enc = tokenizer(head, add_special_tokens=False, return_offsets_mapping=True)
     offsets = enc["offset_mapping"]
     if len(offsets) <= max_tokens:
-        return text, False
+        return head, len(head) < len(text)
     return text[: offsets[max_tokens - 1][1]], True
 
 
