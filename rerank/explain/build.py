@@ -33,6 +33,8 @@ logger = logging.getLogger(__name__)
 # Token values are rounded to this many significant digits: enough for shading, and a 100-passage page
 # stays small.
 _TOKEN_DIGITS = 4
+# The cut-away text shown (and counted) after a truncated passage's tokens.
+_MAX_DROPPED_CHARS = 20_000
 
 
 def _sig(x: float, digits: int = _TOKEN_DIGITS) -> float:
@@ -388,9 +390,10 @@ def _tokens(
         from rerank.probe.prompt import truncate_text
 
         kept, _ = truncate_text(tokenizer, passage.text, max_tokens)
-        dropped_text = passage.text[len(kept) :]
-        total = len(tokenizer(passage.text, add_special_tokens=False)["input_ids"])
-        dropped_tokens = max(total - max_tokens, 0)
+        # A huge passage must not make a huge page or a long tokenisation: count and show a bounded tail.
+        rest = passage.text[len(kept) : len(kept) + _MAX_DROPPED_CHARS]
+        dropped_tokens = len(tokenizer(rest, add_special_tokens=False)["input_ids"])
+        dropped_text = rest if len(passage.text) - len(kept) <= _MAX_DROPPED_CHARS else rest + " …"
     return TokenView(
         tokens=tuple(base.texts),
         raw=tuple(_sig(float(v)) for v in raw),

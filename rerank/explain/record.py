@@ -51,8 +51,9 @@ class TokenView(_Frozen):
             (ICR's token-level calibration); equals ``raw`` when the config runs no ``N/A`` pass.
         top: Indices of the tokens with the highest corrected values, best first.
         truncated: Whether the passage was cut to ``probe.passage_max_tokens`` for the prompt.
-        dropped_tokens: How many of the passage's tokens the prompt did not hold.
-        dropped_text: The text that was cut away (shown greyed after the cut).
+        dropped_tokens: How many of the passage's tokens the prompt did not hold (counted on at most
+            20,000 characters of the cut-away text).
+        dropped_text: The text that was cut away (shown greyed after the cut; at most 20,000 characters).
     """
 
     tokens: tuple[str, ...]
