@@ -30,6 +30,7 @@ SUITES: dict[str, str] = {
     "position": "eval.position:run",
     "qa": "eval.qa:run",
     "speed": "eval.speed:run",
+    "serve": "eval.serve:run",
     "report": "eval.report:run",
 }
 
