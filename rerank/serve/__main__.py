@@ -99,6 +99,9 @@ def run(args: argparse.Namespace) -> int:
     config or a missing ``[server]`` extra.
     """
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    # Under `attn-rerank serve` the root logger is already set (WARNING); the service's own lines follow
+    # --log-level.
+    logging.getLogger("rerank").setLevel(args.log_level.upper())
     try:
         import fastapi  # noqa: F401
         import prometheus_client  # noqa: F401
