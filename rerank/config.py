@@ -151,7 +151,26 @@ class PolicyConfig(_Frozen):
 
 
 class GeneratorConfig(_Frozen):
-    """Answer generation after reranking. ``none`` stops after reranking."""
+    """Answer generation after reranking.
+
+    Attributes:
+        name: Registered generator: ``transformers`` (the loaded model, greedy), ``openai`` (a served
+            model over the OpenAI-compatible ``/v1/chat/completions``: ``vllm serve``, TGI, llama.cpp's
+            server, Ollama, ``transformers serve`` or a hosted API), ``vllm`` (in-process vLLM, GPU) or
+            ``none`` (stop after reranking).
+        max_new_tokens: Cap on the answer's length in tokens.
+        instruction: The line before the question in the user message.
+        base_url: ``openai`` only: the API root, e.g. ``http://127.0.0.1:8000/v1`` for ``vllm serve``.
+        model: ``openai`` only: the model name the server serves (``GET {base_url}/models`` lists them).
+        api_key_env: ``openai`` only: the environment variable holding the API key; None sends a
+            placeholder key (local servers started without ``--api-key`` accept any).
+        temperature: ``openai`` only: 0 (the default) decodes greedily, as the local generators do.
+        timeout_s: ``openai`` only: seconds one request may take before it counts as timed out.
+        max_retries: ``openai`` only: retries after a timeout, a refused connection, a 429 or a 5xx,
+            with exponential backoff (``Retry-After`` is honoured); 0 = try once.
+        concurrency: ``openai`` only: at most this many requests in flight (``Pipeline.run_batch`` and
+            ``generate_batch``); match the server's capacity.
+    """
 
     name: str = "transformers"
     max_new_tokens: int = Field(default=32, ge=1)
@@ -159,6 +178,36 @@ class GeneratorConfig(_Frozen):
         "Write a high-quality answer for the given question using only the provided search results "
         "(some of which might be irrelevant)."
     )
+    base_url: str | None = None
+    model: str | None = None
+    api_key_env: str | None = None
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    timeout_s: float = Field(default=60.0, gt=0.0)
+    max_retries: int = Field(default=2, ge=0, le=10)
+    concurrency: int = Field(default=4, ge=1, le=256)
+
+    @model_validator(mode="after")
+    def _check_served(self) -> GeneratorConfig:
+        if self.name == "openai":
+            if not self.base_url:
+                raise ValueError(
+                    "generator 'openai' needs base_url, the server's API root "
+                    "(e.g. http://127.0.0.1:8000/v1 for `vllm serve`)"
+                )
+            if not self.model:
+                raise ValueError(
+                    "generator 'openai' needs model, the name the server serves "
+                    f"(GET {self.base_url.rstrip('/')}/models lists them)"
+                )
+        if self.base_url is not None and not self.base_url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url must start with http:// or https://, got {self.base_url!r}")
+        if self.api_key_env is not None and not self.api_key_env.strip():
+            raise ValueError("api_key_env must name an environment variable, or be left out")
+        if self.temperature != 0.0 and self.name != "openai":
+            raise ValueError(
+                f"temperature applies to the 'openai' generator only; '{self.name}' decodes greedily"
+            )
+        return self
 
 
 class PipelineConfig(_Frozen):

@@ -3,15 +3,19 @@
     pipe = Pipeline.from_config("configs/default.yaml")
     pipe.index(passages)                      # or Pipeline.from_config(..., index_dir="my_index")
     answer = pipe.run("who wrote Hamlet?")    # Answer(text, passages_used, ranking, timings)
+    answer = await pipe.arun("who wrote Hamlet?")   # the same from async code
 
 Every stage is chosen by name from its registry; any of them can also be passed in as an object.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -58,6 +62,9 @@ class Pipeline:
         self._model = model
         self._reranker = reranker
         self._generator = generator
+        # One model, one user at a time: the probe swaps attention kernels, so async and threaded callers
+        # take turns for every local stage; only requests to a served generator overlap.
+        self._model_lock = threading.Lock()
 
     @classmethod
     def from_config(
@@ -188,24 +195,99 @@ class Pipeline:
     ) -> Answer:
         """Rerank given candidates, select the context and generate (no retrieval)."""
         q = query if isinstance(query, Query) else Query(text=query)
-        t = dict(kw.get("timings") or {})
+        ranked, context, t = self._rerank_select(q, candidates, kw.get("timings"))
+        t0 = time.perf_counter()
+        text = self.generator.generate(q.text, [it.passage for it in context])
+        t["generate"] = time.perf_counter() - t0
+        return self._answer(q, ranked, context, t, text)
+
+    def _rerank_select(
+        self, q: Query, candidates: Sequence[Passage | Hit | ScoredPassage], timings: dict[str, float] | None
+    ) -> tuple[RankedList, list[ScoredPassage], dict[str, float]]:
+        t = dict(timings or {})
         t0 = time.perf_counter()
         ranked = self.rerank(q, candidates)
         t["rerank"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         context = self.select(ranked)
         t["select"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        text = self.generator.generate(q.text, [it.passage for it in context])
-        t["generate"] = time.perf_counter() - t0
+        return ranked, context, t
+
+    @staticmethod
+    def _answer(
+        q: Query, ranked: RankedList, context: Sequence[ScoredPassage], t: dict[str, float], text: str | None
+    ) -> Answer:
         return Answer(
             query=q, text=text, passages_used=tuple(it.passage for it in context), ranking=ranked, timings=t
         )
 
     def run_batch(self, queries: Sequence[str | Query], show_progress: bool = True) -> list[Answer]:
+        """:meth:`run` for many queries, answers in input order.
+
+        With a served generator (one with ``agenerate``, e.g. ``openai``) the next query is reranked while
+        earlier answers are being generated, with at most ``generator.concurrency`` requests in flight;
+        local generators run one query after another.
+        """
         from tqdm.auto import tqdm
 
-        return [self.run(q) for q in tqdm(queries, desc="pipeline", unit="q", disable=not show_progress)]
+        bar = tqdm(queries, desc="pipeline", unit="q", disable=not show_progress)
+        if not hasattr(self.generator, "agenerate"):
+            return [self.run(q) for q in bar]
+        gen = self.generator
+        width = self.config.generator.concurrency
+        with ThreadPoolExecutor(max_workers=width, thread_name_prefix="generate") as pool:
+            pending: list[tuple[Query, RankedList, list[ScoredPassage], dict[str, float], Future[Any]]] = []
+            for query in bar:
+                q = query if isinstance(query, Query) else Query(text=query)
+                t0 = time.perf_counter()
+                hits = self.retrieve(q)
+                ranked, context, t = self._rerank_select(q, hits, {"retrieve": time.perf_counter() - t0})
+                # Queued behind at most `width` running requests: the retrieval side never waits for them.
+                fut = pool.submit(self._timed, gen.generate, q.text, [it.passage for it in context])
+                pending.append((q, ranked, context, t, fut))
+            out = []
+            for q, ranked, context, t, fut in pending:
+                text, t["generate"] = fut.result()
+                out.append(self._answer(q, ranked, context, t, text))
+        return out
+
+    @staticmethod
+    def _timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
+        t0 = time.perf_counter()
+        return fn(*args), time.perf_counter() - t0
+
+    def _locked(self, fn: Callable[..., Any], *args: Any) -> Any:
+        with self._model_lock:
+            return fn(*args)
+
+    async def arun(self, query: str | Query) -> Answer:
+        """Async :meth:`run`: retrieval and reranking run in a worker thread (one query at a time on the
+        model), and a served generator's request is awaited, so many ``arun`` calls overlap their
+        generation (up to ``generator.concurrency`` requests in flight)."""
+        q = query if isinstance(query, Query) else Query(text=query)
+        t0 = time.perf_counter()
+        hits = await asyncio.to_thread(self._locked, self.retrieve, q)
+        return await self.aanswer(q, hits, timings={"retrieve": time.perf_counter() - t0})
+
+    async def aanswer(
+        self, query: str | Query, candidates: Sequence[Passage | Hit | ScoredPassage], **kw: Any
+    ) -> Answer:
+        """Async :meth:`answer` (see :meth:`arun`)."""
+        q = query if isinstance(query, Query) else Query(text=query)
+
+        def prepare() -> tuple[Any, RankedList, list[ScoredPassage], dict[str, float]]:
+            # The generator is built here too: building the local one loads the model.
+            return self.generator, *self._rerank_select(q, candidates, kw.get("timings"))
+
+        gen, ranked, context, t = await asyncio.to_thread(self._locked, prepare)
+        passages = [it.passage for it in context]
+        t0 = time.perf_counter()
+        if hasattr(gen, "agenerate"):
+            text = await gen.agenerate(q.text, passages)
+        else:
+            text = await asyncio.to_thread(self._locked, gen.generate, q.text, passages)
+        t["generate"] = time.perf_counter() - t0
+        return self._answer(q, ranked, context, t, text)
 
     def rerank_batch(
         self,
