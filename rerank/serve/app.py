@@ -8,8 +8,10 @@ when the body has ``texts``, else as ``/v1/rerank``), ``GET /health``, ``GET /in
 and the OpenAPI pages ``/docs`` and ``/openapi.json``.
 
 ``relevance_score`` is ``1 / (1 + exp(-score))`` of the reranker's final score, which is a sum of
-z-scores over the request's documents (standardised attention, plus the standardised given order when
-``first_stage_weight`` > 0). 0.5 therefore marks a document scored exactly at the average of the
+z-scores over the request's documents (standardised attention, plus, when ``first_stage_weight`` > 0,
+the standardised stand-in that ``Pipeline.rerank`` fuses for documents sent without first-stage scores).
+Documents go to ``Pipeline.rerank`` as plain strings in the request's order, so the answers equal the
+Python API's on the same strings. 0.5 therefore marks a document scored exactly at the average of the
 documents it was sent with; it is relative to the request, not an absolute probability of relevance.
 """
 
@@ -317,6 +319,11 @@ def run_call(pipe: Any, call: RerankCall) -> Ranking:
         truncated.append(was_cut)
         counts.append(n)
     q_tokens = len(tok(call.query, add_special_tokens=False)["input_ids"])
+    # At the probe's own budget the documents go in as sent: the probe cuts them the same way, and what
+    # stands in for missing first-stage scores (computed from the texts) then sees what the Python API
+    # sees. Only a request's lower max_tokens_per_doc needs the cut texts.
+    if call.max_tokens >= int(pipe.config.probe.passage_max_tokens):
+        texts = list(call.texts)
     # Plain strings in the given order: no first-stage scores, ids are the request's indices.
     try:
         ranked = pipe.rerank(call.query, texts)
