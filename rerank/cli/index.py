@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+from rerank.batch.jobs import add_engine_arguments, index_builder
 from rerank.cli.common import EXIT_OK, UsageError, load_cli_config
 
 
@@ -16,6 +17,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     from retrievers.index import build_retriever, save_retriever
 
     cfg = load_cli_config(args.config)
+    build = index_builder(args)  # --engine ray without Ray: exit 2 before reading the corpus
     if args.retriever:
         cfg = cfg.model_copy(update={"retriever": cfg.retriever.model_copy(update={"name": args.retriever})})
     out: Path = args.out
@@ -30,7 +32,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         retriever = build_retriever(cfg.retriever)
-        retriever.index(passages, show_progress=not args.no_progress)
+        build(retriever, passages, cfg.retriever)
     except (KeyError, ValueError, OSError) as exc:
         raise UsageError(f"cannot index with the {cfg.retriever.name} retriever: {exc}") from None
     save_retriever(retriever, out)
@@ -75,5 +77,6 @@ def add_parser(sub: argparse._SubParsersAction, fmt: type[argparse.HelpFormatter
     )
     p_build.add_argument("--force", action="store_true", help="overwrite a non-empty --out folder")
     p_build.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_engine_arguments(p_build)
     p_build.set_defaults(func=cmd_index_build)
 

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from rerank.batch.jobs import add_engine_arguments, engine_process
 from rerank.cli.common import (
     EXIT_BAD_LINES,
     EXIT_CODES_HELP,
@@ -91,6 +92,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.index is not None and not args.index.is_dir():
         raise UsageError(f"index folder not found: {args.index}; build one with: attn-rerank index build")
     cfg = load_cli_config(args.config)
+    process = engine_process(args, _process)  # --engine ray without Ray: exit 2 before any work
     if not args.overwrite:
         check_errors_file(errors_path)
         if args.trec_run is not None:
@@ -116,7 +118,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         done = recover_output(out)
         writer.reopen()  # recovery may have replaced the file: append to the new one
         pending, skipped = scan_input(inp, args, done, errors)
-        processed = _process(args, cfg, inp, pending, writer, errors, tqdm)
+        processed = process(args, cfg, inp, pending, writer, errors, tqdm)
     finally:
         writer.close()
         errors.close()
@@ -311,5 +313,6 @@ def add_parser(sub: argparse._SubParsersAction, fmt: type[argparse.HelpFormatter
         help="longer input lines are reported as bad (default: %(default)s = 1 MiB)",
     )
     p_run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_engine_arguments(p_run)
     p_run.set_defaults(func=cmd_run)
 
