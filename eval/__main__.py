@@ -32,6 +32,7 @@ SUITES: dict[str, str] = {
     "speed": "eval.speed:run",
     "serve": "eval.serve:run",
     "report": "eval.report:run",
+    "batch": "eval.batch:run",
 }
 
 

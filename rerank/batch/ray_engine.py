@@ -70,6 +70,8 @@ def quiet_ray_data(show_progress: bool) -> None:
     ctx.enable_auto_log_stats = False
     if not logger.isEnabledFor(logging.INFO):
         logging.getLogger("ray.data").setLevel(logging.WARNING)
+        # Ray Data warns that its bars are off, which is the point here.
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None, verbose: bool = False) -> bool:
