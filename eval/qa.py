@@ -33,6 +33,17 @@ config's, quick 32, which may cut the answer out of a passage), ``batch_size=N``
 ``curve=PATHS`` (candidate raw-attention curves, comma-separated; ``bias_aligned`` follows the slot
 profile of the one fitted for the model's dtype and is left out, with a warning, when none is).
 
+``generator=openai`` also answers every system's contexts through a served model over the
+OpenAI-compatible API (the ``openai`` generator: same chat messages, greedy) and reports, beside the local
+generator's figures of the same run, ``accuracy_openai``, ``seconds_per_query_openai`` and
+``answers_equal_openai`` (the share of answers identical to the local ones). The server comes from the
+config's generator section when that is ``openai`` (``config=configs/vllm-served.yaml``), else from
+``base_url=URL`` (default ``http://127.0.0.1:8000/v1``) and ``served_model=NAME``, with
+``timeout_s=S`` per request (default 600: a benchmark waits for a busy server rather than fail); the dev
+choice of ``best-policy`` stays the local generator's. The server answers each prompt alone, unpadded;
+the local generator left-pads ``batch_size`` prompts together, which in bf16 changes some greedy answers,
+so ``answers_equal_openai`` is 1 only with ``batch_size=1``.
+
 A long run can be split over processes or sessions: ``start=S`` scores test questions ``S`` to
 ``questions - 1`` only, and ``policy=KEY`` (e.g. ``bm25+probe:best_last/top_k1``) takes the
 ``best-policy`` choice made on dev by an earlier part instead of repeating the dev runs. Parts over
@@ -85,11 +96,11 @@ def shuffled_list(item: Any, seed: int) -> tuple[list[Any], int]:
 def run(args: Namespace) -> dict[str, Any]:
     from eval.nq import best_subspan_em, load_nq
     from rerank.config import GeneratorConfig, PolicyConfig, load_config
-    from rerank.generate import TransformersGenerator
-    from rerank.model import load_model
+    from rerank.engines import IdentityReranker
+    from rerank.generate import OpenAIGenerator, TransformersGenerator
     from rerank.pipeline import Pipeline
     from rerank.policies import apply_policy
-    from rerank.reranker import IdentityReranker
+    from rerank.probe.model import load_model
     from retrievers.bm25 import BM25Retriever
     from retrievers.records import Hit
 
@@ -106,6 +117,10 @@ def run(args: Namespace) -> dict[str, Any]:
             "curve",
             "policy",
             "passage_max_tokens",
+            "generator",
+            "base_url",
+            "served_model",
+            "timeout_s",
         ],
     )
     require_data(args.data_dir, "nq-open-oracle")
@@ -132,6 +147,30 @@ def run(args: Namespace) -> dict[str, Any]:
     gen = TransformersGenerator(
         model, GeneratorConfig(max_new_tokens=max_new), pipe.reranker.template, cfg.probe.passage_max_tokens
     )
+    served = None
+    which = get_opt(opts, "generator", "transformers")
+    if which not in ("transformers", "openai"):
+        raise SuiteError(f"unknown generator={which!r}; choose transformers or openai")
+    if which == "openai":
+        g = cfg.generator if cfg.generator.name == "openai" else None
+        served_model = get_opt(opts, "served_model", g.model if g else "")
+        if not served_model:
+            raise SuiteError(
+                "generator=openai needs served_model=NAME (or a config whose generator is openai)"
+            )
+        base = g.model_dump() if g else {}
+        served_cfg = GeneratorConfig.model_validate(
+            base
+            | {
+                "name": "openai",
+                "base_url": get_opt(opts, "base_url", g.base_url if g else "http://127.0.0.1:8000/v1"),
+                "model": served_model,
+                "max_new_tokens": max_new,
+                "instruction": gen.cfg.instruction,
+                "timeout_s": get_opt(opts, "timeout_s", g.timeout_s if g else 600.0),
+            }
+        )
+        served = OpenAIGenerator(model, served_cfg, pipe.reranker.template, cfg.probe.passage_max_tokens)
     # bias_aligned needs the model's attention-by-slot profile: a raw-attention curve of its dtype (any
     # probe settings: it only orders passages, it does not correct this probe's scores).
     try:
@@ -188,11 +227,13 @@ def run(args: Namespace) -> dict[str, Any]:
 
     bs = int(get_opt(opts, "batch_size", 8))
 
-    def answer_all(items: list[Any], ctxs: list[dict[str, list[Any]]], key: str) -> tuple[list[float], float]:
+    def answer_all(
+        items: list[Any], ctxs: list[dict[str, list[Any]]], key: str, g: Any = gen
+    ) -> tuple[list[float], float, list[str]]:
         t0 = time.perf_counter()
-        outs = gen.generate_batch([it.question for it in items], [c[key] for c in ctxs], batch_size=bs)
+        outs = g.generate_batch([it.question for it in items], [c[key] for c in ctxs], batch_size=bs)
         dt = (time.perf_counter() - t0) / max(len(items), 1)
-        return [best_subspan_em(o, it.answers) for o, it in zip(outs, items, strict=True)], dt
+        return [best_subspan_em(o, it.answers) for o, it in zip(outs, items, strict=True)], dt, outs
 
     dev_acc: dict[str, list[float]] = {}
     best_key = given_policy
@@ -200,7 +241,7 @@ def run(args: Namespace) -> dict[str, Any]:
         # Choose the best order/prune combination on dev questions.
         dev_ctx = [contexts(item, seed=1)[0] for item in tqdm(dev, desc="qa dev probe", unit="q")]
         for key in keys:
-            dev_acc[key], _ = answer_all(dev, dev_ctx, key)
+            dev_acc[key], _, _ = answer_all(dev, dev_ctx, key)
         # Ties go to the smaller context, then to the probe alone (the cheaper ranking).
         best_key = max(keys, key=lambda key: (np.mean(dev_acc[key]), -keys[key][3]))
     best = keys[best_key]
@@ -225,10 +266,22 @@ def run(args: Namespace) -> dict[str, Any]:
     acc: dict[str, list[float]] = {}
     secs: dict[str, float] = {}
     gold_in: dict[str, list[float]] = {}
+    served_figures: dict[str, dict[str, float]] = {}
     for name in tqdm(names, desc="qa generate", unit="system"):
-        acc[name], dt = answer_all(test, test_ctx, name)
+        acc[name], dt, outs = answer_all(test, test_ctx, name)
         r = ranking_of.get(name)
-        secs[name] = dt + (float(np.mean([t[r] for t in rank_t])) if r else 0.0)
+        rank_s = float(np.mean([t[r] for t in rank_t])) if r else 0.0
+        secs[name] = dt + rank_s
+        if served is not None:
+            # The same contexts through the server: the local answers above are the reference.
+            s_acc, s_dt, s_outs = answer_all(test, test_ctx, name, served)
+            served_figures[name] = {
+                "accuracy_openai": round(float(np.mean(s_acc)), 4),
+                "seconds_per_query_openai": round(s_dt + rank_s, 4),
+                "answers_equal_openai": round(
+                    float(np.mean([a == b for a, b in zip(outs, s_outs, strict=True)])), 4
+                ),
+            }
         gold_in[name] = [
             float(any(p.id == it.gold.id for p in c[name])) for it, c in zip(test, test_ctx, strict=True)
         ]
@@ -238,6 +291,7 @@ def run(args: Namespace) -> dict[str, Any]:
             "seconds_per_query": round(secs[n], 4),
             "gold_in_context": round(float(np.mean(gold_in[n])), 4),
         }
+        | served_figures.get(n, {})
         for n in names
     }
     systems["best-policy"]["chosen"] = best_key  # type: ignore[assignment]
@@ -255,6 +309,11 @@ def run(args: Namespace) -> dict[str, Any]:
             "dev_questions": 0 if given_policy else len(dev),
             "dev_accuracy": {k: round(float(np.mean(v)), 4) for k, v in dev_acc.items()},
             "best_policy_source": "given (policy=)" if given_policy else "chosen on dev",
+            **(
+                {"served_generator": {"base_url": served.base_url, "model": served.cfg.model}}
+                if served is not None
+                else {}
+            ),
         },
         "systems": systems,
     }
