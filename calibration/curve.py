@@ -46,7 +46,7 @@ MATCH_KEYS = (
 )
 
 
-FIT_HINT = "Fit one with `attn-rerank calibrate --config YOUR.yaml --out curve.json`."
+FIT_HINT = "Fit one with `attn-rerank calibrate --model MODEL --out curve.json`."
 
 
 class CurveMismatchError(ValueError):

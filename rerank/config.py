@@ -6,10 +6,12 @@ config it ``extends`` (see :func:`load_config`).
 
 from __future__ import annotations
 
+import importlib.resources
+import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from retrievers.config import RetrieverConfig
 
@@ -29,6 +31,23 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+def _not_bool(value: Any) -> Any:
+    """YAML's ``true`` would pass as 1 (an int or float field); a boolean is refused instead."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got the boolean {str(value).lower()}")
+    return value
+
+
+def _no_bools(value: Any) -> Any:
+    """:func:`_not_bool` for a number, or for each item of a list of numbers (nested once more)."""
+    if isinstance(value, list | tuple):
+        return [_no_bools(v) if isinstance(v, list | tuple) else _not_bool(v) for v in value]
+    return _not_bool(value)
+
+
+_DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
 class ModelConfig(_Frozen):
     """Which decoder LLM the probe (and the default generator) runs.
 
@@ -45,7 +64,19 @@ class ModelConfig(_Frozen):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     device: str = "auto"
     cache_dir: str | None = None
-    threads: int | None = None
+    threads: int | None = Field(default=None, ge=1)
+
+    @field_validator("threads", mode="before")
+    @classmethod
+    def _threads_not_bool(cls, v: Any) -> Any:
+        return _not_bool(v)
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, v: str) -> str:
+        if not _DEVICE_RE.fullmatch(v):
+            raise ValueError(f"device must be auto, cpu, mps, cuda or cuda:N, got {v!r}")
+        return v
 
 
 class ProbeConfig(_Frozen):
@@ -53,7 +84,7 @@ class ProbeConfig(_Frozen):
 
     Attributes:
         engine: Registered probe engine (``attention``; ``identity`` keeps the retriever order; baselines
-            ``icr-reference``, ``listwise``, ``pointwise``, ``shuffle``, see :mod:`rerank.baselines`).
+            ``icr-reference``, ``listwise``, ``pointwise``, ``shuffle``, see :mod:`rerank.engines`).
         layers: Inclusive ``[first, last]`` layer range read by the probe; None = all layers. The
             forward pass stops after ``last``.
         heads: Head indices to read; None = all heads.
@@ -89,8 +120,22 @@ class ProbeConfig(_Frozen):
     passage_max_tokens: int = Field(default=300, ge=1)
     window_size: int = Field(default=20, ge=1)
     window_merge: Literal["zscore", "raw"] = "zscore"
-    first_stage_weight: float = Field(default=0.0, ge=0.0)
+    first_stage_weight: float = Field(default=0.0, ge=0.0, allow_inf_nan=False)
     max_context_tokens: int | None = Field(default=None, ge=64)
+
+    @field_validator(
+        "layers",
+        "heads",
+        "head_set",
+        "passage_max_tokens",
+        "window_size",
+        "first_stage_weight",
+        "max_context_tokens",
+        mode="before",
+    )
+    @classmethod
+    def _numbers_not_bool(cls, v: Any) -> Any:
+        return _no_bools(v)
 
     @model_validator(mode="after")
     def _check_layers(self) -> ProbeConfig:
@@ -143,11 +188,16 @@ class PolicyConfig(_Frozen):
     order: str = "best_last"
     prune: str = "none"
     top_k: int = Field(default=5, ge=1)
-    threshold: float = 0.0
+    threshold: float = Field(default=0.0, allow_inf_nan=False)
     mass: float = Field(default=0.8, gt=0.0, le=1.0)
     token_budget: int = Field(default=1500, ge=1)
     min_keep: int = Field(default=1, ge=0)
     iterations: int = Field(default=2, ge=1)
+
+    @field_validator("top_k", "threshold", "mass", "token_budget", "min_keep", "iterations", mode="before")
+    @classmethod
+    def _numbers_not_bool(cls, v: Any) -> Any:
+        return _not_bool(v)
 
 
 class GeneratorConfig(_Frozen):
@@ -226,7 +276,8 @@ class PipelineConfig(_Frozen):
     generator: GeneratorConfig = GeneratorConfig()
 
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+# The shipped configs: package data of ``rerank.configs`` (the repository's top-level configs/ folder).
+CONFIGS_DIR = Path(str(importlib.resources.files("rerank.configs")))
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -243,7 +294,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def _is_name(ref: str) -> bool:
+def is_config_name(ref: str) -> bool:
+    """True for a bare config name such as ``default`` (no folder, no ``.yaml``), as opposed to a path."""
     return "/" not in ref and "\\" not in ref and not ref.endswith((".yaml", ".yml"))
 
 
@@ -253,7 +305,7 @@ def _named(name: str, where: str) -> Path:
     if not path.is_file():
         names = sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))
         raise FileNotFoundError(
-            f"{where}: no config named '{name}' (nor a file of that name); the project's configs/ holds: "
+            f"{where}: no config named '{name}' (nor a file of that name); the shipped configs/ holds: "
             + (", ".join(names) or f"nothing (no folder {CONFIGS_DIR})")
         )
     return path
@@ -263,7 +315,7 @@ def _base_path(ref: object, child: Path) -> Path:
     """Where ``extends: ref`` in ``child`` points: a bare name is a file of the project's ``configs/``."""
     if not isinstance(ref, str) or not ref.strip():
         raise ValueError(f"{child}: 'extends' must be a config name or path, got {ref!r}")
-    if _is_name(ref):
+    if is_config_name(ref):
         return _named(ref, f"{child}: extends")
     path = Path(ref).expanduser()
     return path if path.is_absolute() else child.parent / path
@@ -306,10 +358,49 @@ def load_config(path: str | Path) -> PipelineConfig:
             loop; the message says which.
     """
     path = Path(path)
-    if not path.is_file() and _is_name(str(path)):
+    if not path.is_file() and is_config_name(str(path)):
         path = _named(str(path), "load_config")
     data = _resolve(path)
     try:
         return PipelineConfig.model_validate(data)
     except ValidationError as exc:
-        raise ValueError(f"{path}: invalid config:\n{exc}") from exc
+        raise ValueError(f"{path}: invalid config: {describe_errors(exc)}") from exc
+
+
+def describe_errors(exc: ValidationError) -> str:
+    """A pydantic error on one line: each wrong key as ``a.b.c: message (got VALUE)``, ``;``-separated."""
+    parts = []
+    for err in exc.errors():
+        key = ".".join(str(x) for x in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        # Value errors name the value themselves; a model-level error's input is the whole section.
+        quiet = err["type"] in ("missing", "extra_forbidden", "value_error")
+        quiet = quiet or isinstance(err.get("input"), dict)
+        got = "" if quiet else f" (got {err.get('input')!r})"
+        parts.append(f"{key}: {msg}{got}")
+    return "; ".join(parts)
+
+
+def with_overrides(cfg: PipelineConfig, overrides: dict[str, Any]) -> PipelineConfig:
+    """``cfg`` with whole sections' fields replaced: ``{"probe": {"window_size": 10}}``; a section given as
+    ``None`` is switched off where that means something (``generator``: no generation).
+
+    Raises:
+        ValueError: An unknown section or field, or an invalid value.
+    """
+    sections = set(PipelineConfig.model_fields)
+    data = cfg.model_dump()
+    for name, value in overrides.items():
+        if name not in sections:
+            raise ValueError(f"unknown config section {name!r}; choose from {', '.join(sorted(sections))}")
+        if value is None:
+            if name != "generator":
+                raise ValueError(f"config section {name!r} cannot be None (only generator=None is allowed)")
+            value = {"name": "none"}
+        if not isinstance(value, dict):
+            raise ValueError(f"config section {name!r} must be a dict of fields, got {type(value).__name__}")
+        data[name] = _merge(data[name], value)
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ValueError(f"invalid config override:\n{exc}") from exc

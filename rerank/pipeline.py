@@ -21,15 +21,18 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from rerank.config import PipelineConfig, load_config
+from rerank.config import PipelineConfig, load_config, with_overrides
 from rerank.policies import ORDER_POLICIES, PRUNE_POLICIES, apply_policy
 from rerank.records import Answer, Hit, Passage, Query, RankedList, ScoredPassage
 
 if TYPE_CHECKING:
+    from rerank.engines import Candidate
     from rerank.explain import Explanation
-    from rerank.reranker import Candidate
 
 logger = logging.getLogger(__name__)
+
+# Reentrant: building the reranker loads the model, building the generator reads the reranker.
+_LOAD_LOCK = threading.RLock()
 
 
 class Pipeline:
@@ -68,10 +71,28 @@ class Pipeline:
 
     @classmethod
     def from_config(
-        cls, config: str | Path | PipelineConfig, *, index_dir: str | Path | None = None
+        cls,
+        config: str | Path | PipelineConfig = "default",
+        *,
+        index_dir: str | Path | None = None,
+        **overrides: Any,
     ) -> Pipeline:
-        """Build from a YAML path (or config object), optionally loading a saved retriever index."""
+        """Build from a config: a shipped name (``"default"``), a YAML path or a config object.
+
+        Args:
+            config: Which config; the shipped ``default`` when omitted.
+            index_dir: A saved retriever index to load (``attn-rerank index build``).
+            **overrides: Sections of the config to change, by name (``retriever``, ``model``, ``probe``,
+                ``calibration``, ``policy``, ``generator``), each a dict of fields merged into that
+                section; ``generator=None`` stops after reranking. E.g.
+                ``Pipeline.from_config("default", generator=None, model={"dtype": "float32"})``.
+
+        Raises:
+            ValueError: An unknown section or field, or an invalid value (the message names it).
+        """
         cfg = config if isinstance(config, PipelineConfig) else load_config(config)
+        if overrides:
+            cfg = with_overrides(cfg, overrides)
         retriever = None
         if index_dir is not None:
             from retrievers.index import load_retriever
@@ -80,35 +101,43 @@ class Pipeline:
         return cls(cfg, retriever=retriever)
 
     # -- lazily built stages ---------------------------------------------------------------------
+    # Built once, under one process-wide lock: concurrent first calls wait for the first load instead of
+    # loading the model again (and importing transformers from several threads at once, which fails).
     @property
     def model(self) -> Any:
         if self._model is None:
-            from rerank.model import load_model
+            with _LOAD_LOCK:
+                if self._model is None:
+                    from rerank.probe.model import load_model
 
-            self._model = load_model(self.config.model)
+                    self._model = load_model(self.config.model)
         return self._model
 
     @property
     def reranker(self) -> Any:
         if self._reranker is None:
-            from rerank.reranker import PROBE_ENGINES, build_reranker
+            with _LOAD_LOCK:
+                if self._reranker is None:
+                    from rerank.engines import PROBE_ENGINES, build_reranker
 
-            needs_model = getattr(PROBE_ENGINES.get(self.config.probe.engine), "needs_model", True)
-            self._reranker = build_reranker(self.config, self.model if needs_model else None)
+                    needs_model = getattr(PROBE_ENGINES.get(self.config.probe.engine), "needs_model", True)
+                    self._reranker = build_reranker(self.config, self.model if needs_model else None)
         return self._reranker
 
     @property
     def generator(self) -> Any:
         if self._generator is None:
-            from rerank.generate import build_generator
+            with _LOAD_LOCK:
+                if self._generator is None:
+                    from rerank.generate import build_generator
 
-            needs_model = self.config.generator.name != "none"
-            self._generator = build_generator(
-                self.config.generator,
-                self.model if needs_model else None,
-                getattr(self.reranker, "template", None),
-                max_passage_tokens=self.config.probe.passage_max_tokens,
-            )
+                    needs_model = self.config.generator.name != "none"
+                    self._generator = build_generator(
+                        self.config.generator,
+                        self.model if needs_model else None,
+                        getattr(self.reranker, "template", None),
+                        max_passage_tokens=self.config.probe.passage_max_tokens,
+                    )
         return self._generator
 
     # -- stages ----------------------------------------------------------------------------------
@@ -197,9 +226,9 @@ class Pipeline:
         q = query if isinstance(query, Query) else Query(text=query)
         ranked, context, t = self._rerank_select(q, candidates, kw.get("timings"))
         t0 = time.perf_counter()
-        text = self.generator.generate(q.text, [it.passage for it in context])
+        text, info = self._generate(self.generator, q.text, [it.passage for it in context])
         t["generate"] = time.perf_counter() - t0
-        return self._answer(q, ranked, context, t, text)
+        return self._answer(q, ranked, context, t, text, info)
 
     def _rerank_select(
         self, q: Query, candidates: Sequence[Passage | Hit | ScoredPassage], timings: dict[str, float] | None
@@ -214,11 +243,29 @@ class Pipeline:
         return ranked, context, t
 
     @staticmethod
+    def _generate(gen: Any, question: str, passages: list[Passage]) -> tuple[str | None, dict[str, Any]]:
+        """The answer, and the generator's report (token usage, latency) when it gives one."""
+        if hasattr(gen, "generate_with_info"):
+            g = gen.generate_with_info(question, passages)
+            return g.text, {"generation": g.info}
+        return gen.generate(question, passages), {}
+
+    @staticmethod
     def _answer(
-        q: Query, ranked: RankedList, context: Sequence[ScoredPassage], t: dict[str, float], text: str | None
+        q: Query,
+        ranked: RankedList,
+        context: Sequence[ScoredPassage],
+        t: dict[str, float],
+        text: str | None,
+        info: dict[str, Any] | None = None,
     ) -> Answer:
         return Answer(
-            query=q, text=text, passages_used=tuple(it.passage for it in context), ranking=ranked, timings=t
+            query=q,
+            text=text,
+            passages_used=tuple(it.passage for it in context),
+            ranking=ranked,
+            timings=t,
+            info=info or {},
         )
 
     def run_batch(self, queries: Sequence[str | Query], show_progress: bool = True) -> list[Answer]:
@@ -243,12 +290,12 @@ class Pipeline:
                 hits = self.retrieve(q)
                 ranked, context, t = self._rerank_select(q, hits, {"retrieve": time.perf_counter() - t0})
                 # Queued behind at most `width` running requests: the retrieval side never waits for them.
-                fut = pool.submit(self._timed, gen.generate, q.text, [it.passage for it in context])
+                fut = pool.submit(self._timed, self._generate, gen, q.text, [it.passage for it in context])
                 pending.append((q, ranked, context, t, fut))
             out = []
             for q, ranked, context, t, fut in pending:
-                text, t["generate"] = fut.result()
-                out.append(self._answer(q, ranked, context, t, text))
+                (text, info), t["generate"] = fut.result()
+                out.append(self._answer(q, ranked, context, t, text, info))
         return out
 
     @staticmethod
@@ -282,12 +329,13 @@ class Pipeline:
         gen, ranked, context, t = await asyncio.to_thread(self._locked, prepare)
         passages = [it.passage for it in context]
         t0 = time.perf_counter()
-        if hasattr(gen, "agenerate"):
-            text = await gen.agenerate(q.text, passages)
+        if hasattr(gen, "agenerate_with_info"):
+            g = await gen.agenerate_with_info(q.text, passages)
+            text, info = g.text, {"generation": g.info}
         else:
-            text = await asyncio.to_thread(self._locked, gen.generate, q.text, passages)
+            text, info = await asyncio.to_thread(self._locked, self._generate, gen, q.text, passages)
         t["generate"] = time.perf_counter() - t0
-        return self._answer(q, ranked, context, t, text)
+        return self._answer(q, ranked, context, t, text, info)
 
     def rerank_batch(
         self,

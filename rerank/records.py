@@ -104,7 +104,12 @@ class RankedList(BaseModel):
 
 
 class Answer(BaseModel):
-    """What :meth:`rerank.pipeline.Pipeline.run` returns for one query."""
+    """What :meth:`rerank.pipeline.Pipeline.run` returns for one query.
+
+    ``info["generation"]`` is the generator's report where it gives one: for ``openai`` the server's
+    ``prompt_tokens``, ``completion_tokens`` and ``total_tokens``, ``latency_s`` (retries included),
+    ``attempts``, ``model`` and ``finish_reason``.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -113,6 +118,7 @@ class Answer(BaseModel):
     passages_used: tuple[Passage, ...]
     ranking: RankedList
     timings: dict[str, float] = Field(default_factory=dict)
+    info: dict[str, Any] = Field(default_factory=dict)
 
     @property
     def scores(self) -> dict[str, float]:

@@ -250,6 +250,12 @@ def test_pipeline_run_arun_run_batch(smol_model, hf_server) -> None:
     answers = asyncio.run(arun_all())
     assert [a.text for a in answers] == [a.text for a in expected]
     assert [a.passages_used for a in answers] == [a.passages_used for a in expected]
+    # Token usage and latency reach the answer, from every path; the local generator reports none.
+    for a in (got, *batch, *answers):
+        gen = a.info["generation"]
+        assert gen["prompt_tokens"] > 0 and gen["completion_tokens"] > 0 and gen["attempts"] == 1
+        assert gen["latency_s"] > 0
+    assert "generation" not in expected[0].info
 
 
 # -- client behaviour against a stub endpoint (retries, timeouts, concurrency) ------------------------

@@ -294,7 +294,7 @@ def test_many_documents_are_windowed_like_the_python_api(
 
 
 # ---------------------------------------------------------------------------------------------------
-# Documented examples, run verbatim (docs/serve.md, and README.md once it carries them)
+# Documented examples, run verbatim (docs/serve.md and README.md)
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -311,7 +311,8 @@ def _examples(kind: str) -> list[tuple[str, str]]:
 
 
 def test_documented_examples_exist() -> None:
-    assert _examples("curl") and _examples("cohere")
+    for kind in ("curl", "cohere"):
+        assert {name for name, _ in _examples(kind)} == {"docs/serve.md", "README.md"}, kind
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
