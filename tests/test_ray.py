@@ -165,6 +165,18 @@ def test_engine_ray_without_ray_exits_2_naming_the_extra(tmp_path: Path, cfg: Pa
     assert not (tmp_path / "ix").exists()
 
 
+def test_unreachable_address_exits_2_at_once(tmp_path: Path, cfg: Path) -> None:
+    pytest.importorskip("ray")
+    inp = write_jsonl(tmp_path / "q.jsonl", dl19_requests(1, depth=2))
+    # A fresh interpreter: one already connected to Ray reuses that connection whatever --address says.
+    proc = cli_subprocess(
+        run_args(cfg, inp, tmp_path / "out.jsonl", "--engine", "ray", "--address", "127.0.0.1:1")
+    )
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert "cannot connect to Ray at 127.0.0.1:1" in stderr.decode()
+
+
 def test_ray_options_need_engine_ray(tmp_path: Path, cfg: Path, capsys: pytest.CaptureFixture[str]) -> None:
     inp = write_jsonl(tmp_path / "q.jsonl", dl19_requests(1, depth=2))
     assert main(run_args(cfg, inp, tmp_path / "out.jsonl", "--workers", "2")) == 2

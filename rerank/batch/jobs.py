@@ -218,7 +218,8 @@ def _first_line(exc: BaseException) -> str:
     # A Ray error's text repeats the worker's traceback; its cause's last line says what went wrong.
     text = str(exc).strip().splitlines()
     meaningful = [t for t in text if t and not t.startswith((" ", "Traceback"))]
-    return meaningful[-1] if meaningful else type(exc).__name__
+    last = meaningful[-1] if meaningful else type(exc).__name__
+    return last.removeprefix(f"{UsageError.__module__}.{UsageError.__name__}: ")
 
 
 def index_with_ray(

@@ -102,9 +102,28 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, verbose
         if num_cpus is not None:
             kwargs["num_cpus"] = num_cpus
     else:
+        _check_reachable(address)
         kwargs["address"] = address
     ray.init(**kwargs)
     return True
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail fast when nothing listens at ``host:port``: ``ray.init`` would retry for minutes.
+
+    Raises:
+        ConnectionError: The address answers no TCP connection within ``timeout`` seconds.
+    """
+    import socket
+
+    target = address.removeprefix("ray://")
+    host, sep, port = target.rpartition(":")
+    if address == "auto" or not sep or not port.isdigit():
+        return  # "auto" and other forms: left to Ray, which fails fast on them
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ConnectionError(f"nothing answers at {address} ({exc.strerror or exc})") from None
 
 
 def _wants_cuda(config: Any) -> bool:
