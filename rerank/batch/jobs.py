@@ -16,8 +16,9 @@ output reads the same whichever engine wrote it, and ``--trec-run`` works unchan
 few kB against seconds of model time per query, so the driver's writes are not the bottleneck.
 
 The pending lines travel to the workers as rows of the dataset, so the input file need not be visible
-on the workers (an ``--index`` folder must be, at the same path). The driver holds those lines in
-memory: split inputs larger than its memory into several files.
+on the workers (an ``--index`` folder must be, at the same path). The driver puts them into Ray's
+object store one batch at a time; the store holds the pending input for the job's duration (spilling to
+disk beyond its memory).
 """
 
 from __future__ import annotations
@@ -130,6 +131,24 @@ class _RayJob:
             ray.shutdown()
 
 
+def _pending_dataset(inp: Path, pending: Sequence[tuple[int, int]], max_bytes: int, batch_size: int) -> Any:
+    """The pending lines as a dataset of rows ``{line, raw}``, in input order, one block per batch.
+
+    Each block goes into Ray's object store as soon as it is read, so the driver holds one batch of
+    the input at a time; the object store keeps the pending input for the job (spilling to disk
+    beyond its memory).
+    """
+    import pyarrow as pa
+    import ray
+
+    schema = pa.schema([("line", pa.int64()), ("raw", pa.binary())])
+    refs = []
+    for start in range(0, len(pending), batch_size):
+        rows = _read_lines(inp, pending[start : start + batch_size], max_bytes)
+        refs.append(ray.put(pa.Table.from_pylist(rows, schema=schema)))
+    return ray.data.from_arrow_refs(refs)
+
+
 def _read_lines(inp: Path, pending: Sequence[tuple[int, int]], max_bytes: int) -> list[dict[str, Any]]:
     rows = []
     with inp.open("rb") as f:
@@ -170,10 +189,7 @@ def process_with_ray(
         ctx = ray.data.DataContext.get_current()
         # Results come back in input order: the output file reads as a local run's.
         ctx.execution_options.preserve_order = True
-        ds = ray.data.from_items(
-            _read_lines(inp, pending, args.max_line_bytes),
-            override_num_blocks=math.ceil(len(pending) / batch_size),
-        )
+        ds = _pending_dataset(inp, pending, args.max_line_bytes, batch_size)
         results = rerank_dataset(
             ds,
             cfg,
