@@ -248,6 +248,32 @@ def test_ray_reports_bad_lines_and_failing_rows_as_local(
     assert err_l == err_r
 
 
+def test_ray_retrieves_from_an_index_as_local(ray_cluster: str, tmp_path: Path, cfg: Path) -> None:
+    index = tmp_path / "bm25"
+    corpus = REPO / "rerank" / "data" / "demo_corpus.jsonl"
+    assert main(["index", "build", "--corpus", str(corpus), "--out", str(index), "--retriever", "bm25"]) == 0
+    queries = ["who wrote hamlet", "what is the capital of france", "how do vaccines work"]
+    inp = write_jsonl(tmp_path / "q.jsonl", [{"qid": f"q{i}", "query": q} for i, q in enumerate(queries)])
+    outs = {}
+    for engine in ("local", "ray"):
+        outs[engine] = tmp_path / f"{engine}.jsonl"
+        extra = ("--engine", "ray", "--workers", "2") if engine == "ray" else ()
+        assert main(run_args(cfg, inp, outs[engine], "--index", str(index), *extra)) == 0
+    assert_same_rankings(read_output(outs["local"]), read_output(outs["ray"]))
+
+
+def test_a_pipeline_that_cannot_be_built_on_the_workers_exits_2(
+    ray_cluster: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"model: {{name: {tmp_path / 'no-such-model'}}}\ngenerator: {{name: none}}\n")
+    inp = write_jsonl(tmp_path / "q.jsonl", dl19_requests(1, depth=2))
+    out = tmp_path / "out.jsonl"
+    assert main(run_args(bad, inp, out, "--engine", "ray", "--workers", "1")) == 2
+    assert "cannot build the pipeline" in capsys.readouterr().err
+    assert not out.exists() or out.read_bytes() == b""
+
+
 def test_ray_strict_stops_at_a_bad_line_before_any_worker(
     ray_cluster: str, tmp_path: Path, cfg: Path
 ) -> None:

@@ -235,7 +235,7 @@ def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     meaningful = [t for t in text if t and not t.startswith((" ", "Traceback"))]
     last = meaningful[-1] if meaningful else type(exc).__name__
-    return last.removeprefix(f"{UsageError.__module__}.{UsageError.__name__}: ")
+    return last.removeprefix("RuntimeError: ")  # QueryReranker's setup error says what failed
 
 
 def index_with_ray(

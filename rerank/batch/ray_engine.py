@@ -191,13 +191,39 @@ class QueryReranker:
         max_line_bytes: int = 1 << 20,
     ) -> None:
         _set_worker_env()
-        from rerank.cli.run import _build_pipeline
+        from rerank.pipeline import Pipeline
 
         self.args = types.SimpleNamespace(
             index=Path(index_dir) if index_dir else None, max_line_bytes=max_line_bytes, top_k=top_k
         )
         self.config = config
-        self.pipe = _build_pipeline(self.args, config)
+        try:
+            self.pipe = Pipeline.from_config(config, index_dir=self.args.index)
+            self.pipe.reranker  # noqa: B018 - load the model now, once per actor
+        except Exception as exc:  # any failure here is a setup error; the driver reports it (exit 2)
+            where = f" (index {index_dir})" if index_dir is not None else ""
+            raise RuntimeError(f"cannot build the pipeline{where}: {type(exc).__name__}: {exc}") from None
+
+    def _retrieve(self, todo: list[Any]) -> tuple[dict[str, list[Any]], dict[str, str]]:
+        """First-stage candidates of requests without candidates, as the local engine retrieves them:
+        the batch at once, and one by one when the batch fails, so that only the failing query is
+        reported (with the local engine's wording)."""
+        if not todo:
+            return {}, {}
+        k = self.config.retriever.top_k
+        try:
+            hits = self.pipe.retriever.search_batch([r.text for r in todo], k=k)
+            return {r.qid: h for r, h in zip(todo, hits, strict=True)}, {}
+        except Exception:
+            logger.info("batch search failed; searching one query at a time", exc_info=True)
+        found: dict[str, list[Any]] = {}
+        failed: dict[str, str] = {}
+        for r in todo:
+            try:
+                found[r.qid] = self.pipe.retriever.search(r.text, k)
+            except Exception as exc:
+                failed[r.qid] = f"retrieval failed: {type(exc).__name__}: {exc}"
+        return found, failed
 
     def pid(self) -> int:
         """This actor's process id (tests kill it)."""
@@ -219,7 +245,6 @@ class QueryReranker:
         import pyarrow as pa
 
         from rerank.cli.output import result_line
-        from rerank.cli.run import _retrieve
         from rerank.records import Query
 
         out: list[dict[str, Any]] = []
@@ -233,13 +258,10 @@ class QueryReranker:
             else:
                 reqs.append((len(out), req))
                 out.append({"line": line, "qid": req.qid, "result": "", "error": ""})
-        # The local engine's retrieval step, failures and all: a query whose search fails is reported
-        # with its qid and the rest of the batch goes on.
-        failed = _ErrorRows()
-        retrieved = _retrieve(self.pipe, [r for _, r in reqs], self.config.retriever.top_k, failed)
+        retrieved, failed = self._retrieve([r for _, r in reqs if r.candidates is None])
         for i, req in reqs:
-            if req.candidates is None and req.qid not in retrieved:
-                out[i]["error"] = failed.by_qid.get(req.qid, "retrieval failed")
+            if req.qid in failed:
+                out[i]["error"] = failed[req.qid]
                 continue
             cands = req.candidates if req.candidates is not None else retrieved[req.qid]
             try:
@@ -249,17 +271,6 @@ class QueryReranker:
                 logger.info("rerank failed for qid %s", req.qid, exc_info=True)
                 out[i]["error"] = f"rerank failed: {type(exc).__name__}: {exc}"
         return pa.Table.from_pylist(out, schema=_output_schema())
-
-
-class _ErrorRows:
-    """Collects what the local engine's retrieval step reports, by qid, instead of writing a file."""
-
-    def __init__(self) -> None:
-        self.by_qid: dict[str, str] = {}
-
-    def report(self, line: int, message: str, raw: bytes | None, qid: str | None = None) -> None:
-        if qid is not None:
-            self.by_qid[qid] = message
 
 
 def _output_schema() -> Any:
