@@ -132,9 +132,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     dtype = str(get_opt(args.opts, "dtype", ""))
     if repeats < 1 or depth < 1:
         raise SuiteError("repeats and depth must be at least 1")
-    from rerank.batch.ray_engine import require_ray
+    from rerank.batch.ray_engine import RayMissingError, require_ray
 
-    ray = require_ray()
+    try:
+        ray = require_ray()
+    except RayMissingError as exc:
+        raise SuiteError(str(exc)) from None
     reqs = _requests(args.data_dir, n, depth)
     work = Path(tempfile.mkdtemp(prefix="eval-batch-"))
     inp = work / "queries.jsonl"
