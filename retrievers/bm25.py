@@ -34,13 +34,15 @@ from retrievers.base import (
     IndexFormatError,
     check_queries,
     indexed_text,
+    load_guarded,
     load_passages,
     read_meta,
     save_passages,
+    seal_index,
+    verify_index,
     write_meta,
 )
 from retrievers.config import RetrieverConfig
-from retrievers.index import load_guarded, seal_index, verify_index
 from retrievers.records import Hit, Passage
 
 __all__ = ["BACKENDS", "BM25Retriever", "STOPWORDS", "in_list_bm25", "tokenize", "tokenizer_info"]

@@ -14,11 +14,10 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from retrievers.base import check_queries, read_meta, write_meta
+from retrievers.base import check_queries, read_meta, seal_index, verify_index, write_meta
 from retrievers.bm25 import BM25Retriever
 from retrievers.config import RetrieverConfig
 from retrievers.dense import DenseRetriever
-from retrievers.index import seal_index, verify_index
 from retrievers.records import Hit, Passage
 
 __all__ = ["FUSIONS", "HybridRetriever", "rrf_fuse", "weighted_fuse"]

@@ -216,7 +216,7 @@ def test_calibrate_a_tiny_random_llama_from_a_folder(tmp_path: Path):
     AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
     tok.save_pretrained(folder)
     out = tmp_path / "tiny-curve.json"
-    args = ["calibrate", "--model", str(folder), "--out", str(out), "--lists", "8", "--no-progress"]
+    args = ["calibrate", "--model", str(folder), "--out", str(out), "--lists", "48", "--no-progress"]
     assert main([*args, "--dtype", "float32"]) == 0
     curve = json.loads(out.read_text())
     assert curve["meta"]["model_id"] == str(folder)
