@@ -107,6 +107,10 @@ class ProbeConfig(_Frozen):
             within each window) or ``raw``.
         first_stage_weight: Weight of the retriever's z-scored score fused with the probe's z-scored
             score (0 = probe only).
+        rotations_up_to: Windows of 2 to this many candidates are read in all their cyclic rotations
+            (one prefill each) instead of ``prompt_order``'s orders, so that every passage sits in every
+            slot once and the list's order stops mattering; 0 = never (short lists are what RAG
+            callers send, and there the per-slot curve transfers worst).
         max_context_tokens: Cap on the prompt length; None = the model's context window.
     """
 
@@ -121,6 +125,7 @@ class ProbeConfig(_Frozen):
     window_size: int = Field(default=20, ge=1)
     window_merge: Literal["zscore", "raw"] = "zscore"
     first_stage_weight: float = Field(default=0.0, ge=0.0, allow_inf_nan=False)
+    rotations_up_to: int = Field(default=0, ge=0)
     max_context_tokens: int | None = Field(default=None, ge=64)
 
     @field_validator(
@@ -131,6 +136,7 @@ class ProbeConfig(_Frozen):
         "window_size",
         "first_stage_weight",
         "max_context_tokens",
+        "rotations_up_to",
         mode="before",
     )
     @classmethod

@@ -313,3 +313,34 @@ def test_unsupported_model_is_refused(smol32):
         check_supported(gpt2)
     with pytest.raises(ValueError, match="out of range"):
         AttentionProbe(smol32, layers=(0, 99))
+
+
+def test_rotations_make_short_lists_order_free(smol_model):
+    """``rotations_up_to``: a window of n <= that many passages is read in its n cyclic rotations, so
+    every passage sits in every slot once; any rotation of the input then gives the same scores, where
+    the two-order default does not promise that. Longer windows keep the configured orders."""
+    from rerank.config import load_config
+    from rerank.engines import AttentionReranker
+    from rerank.engines.base import prompt_slots, window_orders
+
+    assert prompt_slots(4, "rotate0") == prompt_slots(4, "reversed") == [3, 2, 1, 0]
+    assert prompt_slots(4, "rotate1") == [2, 1, 0, 3]
+    orders = window_orders(4, ProbeConfig(rotations_up_to=5))
+    assert orders == ("rotate0", "rotate1", "rotate2", "rotate3")
+    slots_of = {c: sorted(prompt_slots(4, o).index(c) for o in orders) for c in range(4)}
+    assert all(v == [0, 1, 2, 3] for v in slots_of.values()), "every passage visits every slot once"
+    assert window_orders(6, ProbeConfig(rotations_up_to=5, prompt_order="both")) == ("reversed", "retriever")
+    assert window_orders(1, ProbeConfig(rotations_up_to=5)) == ("reversed",)
+
+    cfg = load_config("default")
+    probe = cfg.probe.model_copy(update={"first_stage_weight": 0.0, "rotations_up_to": 5})
+    rr = AttentionReranker(smol_model, probe, cfg.calibration)
+    ps = PASSAGES[:4]
+    scores = []
+    for r in range(4):
+        ranked = rr.rerank(QUERY, ps[r:] + ps[:r])
+        assert ranked.info["prompts"] == 4
+        scores.append({it.passage.id: it.score for it in ranked.items})
+    for other in scores[1:]:
+        for pid, s in scores[0].items():
+            assert other[pid] == pytest.approx(s, abs=1e-6)

@@ -20,12 +20,12 @@ from calibration.curve import MATCH_KEYS, BiasCurve, pick_compatible
 from rerank.config import CalibrationConfig, PipelineConfig, ProbeConfig
 from rerank.engines.base import (
     PROBE_ENGINES,
+    BatchReranker,
     Candidate,
     as_query,
     check_top_k,
     probe_windows,
     prompt_slots,
-    rerank_many,
     split_candidates,
     to_candidate_order,
     window_orders,
@@ -136,7 +136,7 @@ def merge_orders(per_order: Sequence[np.ndarray]) -> np.ndarray:
 
 
 @PROBE_ENGINES.register("attention")
-class AttentionReranker:
+class AttentionReranker(BatchReranker):
     """Reranks passages by calibrated query-to-passage attention.
 
     Args:
@@ -305,15 +305,5 @@ class AttentionReranker:
             "seconds": time.perf_counter() - t0,
         }
         return RankedList(query=q, items=items[:top_k], info=info)
-
-    def rerank_batch(
-        self,
-        queries: Sequence[str | Query],
-        lists: Sequence[Sequence[Candidate]],
-        top_k: int | None = None,
-        show_progress: bool = True,
-    ) -> list[RankedList]:
-        """Rerank many queries, with a progress bar."""
-        return rerank_many(self, queries, lists, top_k=top_k, show_progress=show_progress)
 
 

@@ -101,17 +101,35 @@ def prompt_orders(probe: ProbeConfig) -> tuple[str, ...]:
 
 
 def prompt_slots(n: int, order: str) -> list[int]:
-    """Prompt slot -> candidate index for a window of ``n`` candidates in retriever order (best first);
-    ``reversed`` puts the best one last, next to the query; ``retriever`` keeps the order."""
+    """Prompt slot -> candidate index for a window of ``n`` candidates in retriever order (best first).
+
+    ``reversed`` puts the best one last, next to the query; ``retriever`` keeps the order; ``rotateK``
+    is the ``reversed`` order shifted cyclically by ``K`` slots (the ``rotations_up_to`` reading).
+    """
+    if order.startswith("rotate") and order[6:].isdigit():
+        k = int(order[6:]) % max(n, 1)
+        base = list(range(n))[::-1]
+        return base[k:] + base[:k]
     if order not in ("reversed", "retriever"):
-        raise ValueError(f"unknown prompt order {order!r}; a single prompt is 'reversed' or 'retriever'")
+        raise ValueError(
+            f"unknown prompt order {order!r}; a single prompt is 'reversed', 'retriever' or 'rotateK'"
+        )
     return list(range(n))[::-1] if order == "reversed" else list(range(n))
 
 
 def window_orders(n: int, probe: ProbeConfig) -> tuple[str, ...]:
-    """The prompt orders a window of ``n`` candidates is probed in: one passage reads the same prompt in
-    either order, so it is probed once."""
-    return prompt_orders(probe)[:1] if n < 2 else prompt_orders(probe)
+    """The prompt orders a window of ``n`` candidates is probed in.
+
+    One passage reads the same prompt in any order, so it is probed once. A window of 2 to
+    ``probe.rotations_up_to`` candidates is read in all ``n`` cyclic rotations: every passage then sits
+    in every slot exactly once, so whatever the slots add is the same for all of them, and a rotation
+    of the input gives the same set of prompts (the same scores), at ``n`` prefills per window.
+    """
+    if n < 2:
+        return prompt_orders(probe)[:1]
+    if n <= probe.rotations_up_to:
+        return tuple(f"rotate{k}" for k in range(n))
+    return prompt_orders(probe)
 
 
 def to_candidate_order(in_slot_order: np.ndarray, order: str) -> np.ndarray:
@@ -185,7 +203,28 @@ class _Scores:
     position: list[int] | None = None
 
 
-class _Baseline:
+class BatchReranker:
+    """``rerank_batch`` for an engine that defines ``rerank``: a progress bar over the queries."""
+
+    name: ClassVar[str] = "rerank"
+
+    def rerank(
+        self, query: str | Query, passages: Sequence[Candidate], top_k: int | None = None
+    ) -> RankedList:
+        raise NotImplementedError
+
+    def rerank_batch(
+        self,
+        queries: Sequence[str | Query],
+        lists: Sequence[Sequence[Candidate]],
+        top_k: int | None = None,
+        show_progress: bool = True,
+    ) -> list[RankedList]:
+        """Rerank many queries, with a progress bar."""
+        return rerank_many(self, queries, lists, top_k=top_k, show_progress=show_progress, desc=self.name)
+
+
+class _Baseline(BatchReranker):
     """Shared plumbing: option checking, candidate handling, sorting, timing, batches."""
 
     name: ClassVar[str] = ""
@@ -272,15 +311,5 @@ class _Baseline:
         )
         info = {**res.info, "seconds": time.perf_counter() - t0}
         return RankedList(query=q, items=items[:top_k], info=info)
-
-    def rerank_batch(
-        self,
-        queries: Sequence[str | Query],
-        lists: Sequence[Sequence[Candidate]],
-        top_k: int | None = None,
-        show_progress: bool = True,
-    ) -> list[RankedList]:
-        """Rerank many queries, with a progress bar."""
-        return rerank_many(self, queries, lists, top_k=top_k, show_progress=show_progress, desc=self.name)
 
 

@@ -11,19 +11,11 @@ import os
 import sys
 from collections.abc import Sequence
 
+from rerank.cli.common import positive_int
+
 __all__ = ["add_arguments", "build_parser", "run", "serve_main"]
 
 API_KEY_ENV = "ATTN_RERANK_API_KEY"
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -36,32 +28,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8080, help="TCP port")
     p.add_argument(
         "--max-documents",
-        type=_positive,
+        type=positive_int,
         default=d.max_documents,
         help="most documents in one request; more get 422 (windows handle any count up to it)",
     )
     p.add_argument(
         "--max-tokens-per-doc",
-        type=_positive,
+        type=positive_int,
         default=None,
         help="cut each document to this many tokens and report it (default: the config's "
         "probe.passage_max_tokens)",
     )
     p.add_argument(
         "--max-concurrent-requests",
-        type=_positive,
+        type=positive_int,
         default=d.max_concurrent_requests,
         help="rerank requests running or queued at once; one more gets 429 with Retry-After",
     )
     p.add_argument(
         "--payload-limit",
-        type=_positive,
+        type=positive_int,
         default=d.payload_limit,
         help="largest request body in bytes; larger gets 413",
     )
     p.add_argument(
         "--max-queue-ms",
-        type=_positive,
+        type=positive_int,
         default=d.max_queue_ms,
         help="a request that waits this long for the model gets 504",
     )
