@@ -180,6 +180,14 @@ def run(args: Namespace) -> dict[str, Any]:
             continue
         quick = " (QUICK subset)" if r.get("config", {}).get("quick") else ""
         parts.append(f"\n## {r['suite']}: {r['dataset']}{quick}\n\nFile: `{f.name}`\n\n{table(r)}\n")
+        failed = (r.get("config") or {}).get("errors") or {}
+        if failed:
+            # A system that could not run is reported as failed, not left out of the table silently.
+            parts.append(
+                "\nFailed in this run (no figures): "
+                + "; ".join(f"`{name}`: {msg}" for name, msg in sorted(failed.items()))
+                + "\n"
+            )
         if r["suite"] == "position":
             p = img / f"{f.stem}.png"
             _plot_position(r, p)

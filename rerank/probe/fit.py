@@ -76,10 +76,13 @@ def collect(
     reuse_prefix: bool = False,
     desc: str = "probe",
     show_progress: bool = True,
+    cached: list[str] | None = None,
 ) -> tuple[dict[str, PassageStats], dict[str, float]]:
     """Probe every job (layers 0..``last_layer``, default all, with the N/A pass).
 
-    Returns stats and seconds per job key; cached results report the seconds measured when they were
+    ``cached``, if given, receives the keys of the jobs read from the cache (for a caller that must label
+    their seconds as not measured now). Returns stats and seconds per job key; cached results report
+    the seconds measured when they were
     computed. ``reuse_prefix`` keeps the KV cache of the previous prompt's common token prefix (see
     :class:`rerank.probe.AttentionProbe`): order ``jobs`` so that consecutive prompts share long prefixes.
     """
@@ -108,6 +111,8 @@ def collect(
                 spans=tuple(tuple(s) for s in meta["spans"]) if "query_tok" in z else None,
             )
             seconds[job.key] = float(meta["seconds"])
+            if cached is not None:
+                cached.append(job.key)
             continue
         t0 = time.perf_counter()
         kw = {"max_passage_tokens": max_passage_tokens, "template": template}
