@@ -16,11 +16,12 @@ passages = [
     Passage(id="p2", text="The Eiffel Tower in Paris was completed in 1889."),
     Passage(id="p3", text="Christopher Marlowe wrote Doctor Faustus, a play about a scholar."),
 ]
-ranked = pipe.rerank("Who wrote Hamlet?", passages)  # candidates best first: Passages, Hits or strings
+pipe.index(passages)  # BM25 + dense, in memory (index_dir= loads a saved one)
+hits = pipe.retrieve("Who wrote Hamlet?")  # the first stage: Hits, best first, with their scores
+ranked = pipe.rerank("Who wrote Hamlet?", hits)  # or your own candidates: Hits, Passages or strings
 for item in ranked.items:
     print(item.rank, item.passage.id, f"{item.score:+.2f}", "prompt slot", item.prompt_position)
 
-pipe.index(passages)  # or retrieve first: BM25 + dense, in memory (index_dir= loads a saved one)
 answer = pipe.run("Who wrote Hamlet?")  # retrieve -> rerank -> prune/order -> generate
 print([p.id for p in answer.passages_used], answer.text)  # text is None with generator=None
 """
