@@ -687,3 +687,30 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(tmp_path: Path) -> None:
             proc.kill()
             proc.wait(30)
         log.close()
+
+
+# ---------------------------------------------------------------------------------------------------
+# POST /explain
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_explain_route_equals_the_rerank_and_shares_the_errors(
+    main: _Server, client: httpx.Client, worker: InferenceWorker
+) -> None:
+    """The explain page's figures over HTTP: the same ranking as a rerank of the same documents, the
+    HTML when asked, the API key and the error envelope of the other routes."""
+    docs = ["Berlin is the capital of Germany.", {"text": "Paris is the capital of France.", "id": "fr"}]
+    body = {"query": QUERY, "documents": docs, "html": True}
+    resp = client.post(f"{main.url}/explain", json=body, headers=AUTH)
+    assert resp.status_code == 200, resp.text
+    out = resp.json()
+    assert out["html"].lstrip().lower().startswith("<!doctype html")
+    texts = ["Berlin is the capital of Germany.", "Paris is the capital of France."]
+    ranked = worker.call(lambda pipe: pipe.rerank(QUERY, texts), timeout=300)
+    rows = sorted(out["explanation"]["passages"], key=lambda r: r["rank"])
+    assert [r["score"] for r in rows] == pytest.approx([it.score for it in ranked.items], abs=1e-9)
+    assert client.post(f"{main.url}/explain", json=body).status_code == 401
+    bad = client.post(f"{main.url}/explain", json={"query": QUERY, "documents": []}, headers=AUTH)
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "empty_documents"
+    wrong = client.post(f"{main.url}/explain", json={"query": 3, "documents": ["x"]}, headers=AUTH)
+    assert wrong.status_code == 422 and wrong.json()["error"]["param"] == "query"

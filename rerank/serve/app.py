@@ -36,6 +36,7 @@ from rerank.serve.runner import InferenceWorker, NotReady, Overloaded, QueueTime
 from rerank.serve.schemas import (
     AttnOptions,
     ErrorEnvelope,
+    ExplainRequest,
     TEIError,
     TEIRequest,
     TEIResult,
@@ -54,7 +55,7 @@ logger = logging.getLogger(__name__)
 #: Routes that stay open without the API key (monitoring and the API description).
 OPEN_PATHS = frozenset({"/health", "/metrics", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"})
 RERANK_PATHS = ("/v2/rerank", "/v1/rerank", "/rerank")
-_KNOWN_PATHS = frozenset({*RERANK_PATHS, *OPEN_PATHS, "/info"})
+_KNOWN_PATHS = frozenset({*RERANK_PATHS, *OPEN_PATHS, "/info", "/explain"})
 # A body over the limit is still read (and dropped) up to this many bytes, so that the client gets its
 # 413 instead of a reset connection; beyond it the connection is closed.
 _DISCARD_LIMIT = 256 * 1024 * 1024
@@ -150,14 +151,8 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def parse_body(raw: bytes, path: str, settings: ServeSettings, max_tokens: int) -> RerankCall:
-    """Decode and validate a rerank body for ``path``.
-
-    Raises:
-        ApiError: 400 for an empty, non-UTF-8 or malformed body, an empty query or document, or no
-            documents; 422 for a wrong type, a value out of range, an unknown prune policy or more than
-            ``settings.max_documents`` documents.
-    """
+def _json_object(raw: bytes) -> dict[str, Any]:
+    """The body as a JSON object; 400 for an empty, non-UTF-8 or malformed body or a non-object."""
     if not raw.strip():
         raise _invalid("the request body is empty; send a JSON object", code="empty_body")
     try:
@@ -174,10 +169,13 @@ def parse_body(raw: bytes, path: str, settings: ServeSettings, max_tokens: int) 
         raise _invalid(
             f"the request body must be a JSON object, got {type(obj).__name__}", code="invalid_json"
         )
-    dialect = {"/v2/rerank": "v2", "/v1/rerank": "v1"}.get(path) or ("tei" if "texts" in obj else "v1")
-    schema: type[BaseModel] = {"v2": V2Request, "v1": V1Request, "tei": TEIRequest}[dialect]
+    return obj
+
+
+def _validated(schema: type[BaseModel], obj: dict[str, Any]) -> Any:
+    """``schema`` over ``obj`` (strict types); 422 naming the first wrong field."""
     try:
-        req: Any = schema.model_validate(obj, strict=True)
+        return schema.model_validate(obj, strict=True)
     except ValidationError as exc:
         first = exc.errors()[0]
         param = _loc(first["loc"])
@@ -188,6 +186,42 @@ def parse_body(raw: bytes, path: str, settings: ServeSettings, max_tokens: int) 
             param=param or None,
             status=422,
         ) from None
+
+
+def parse_explain(raw: bytes, settings: ServeSettings) -> Any:
+    """Decode and validate a ``POST /explain`` body (:class:`ExplainRequest`).
+
+    Raises:
+        ApiError: 400 for a malformed body, an empty query or no documents; 422 for a wrong type or more
+            than ``settings.max_documents`` documents.
+    """
+    req = _validated(ExplainRequest, _json_object(raw))
+    if not req.query.strip():
+        raise _invalid("query is empty", code="empty_query", param="query")
+    if not req.documents:
+        raise _invalid("documents is empty; send at least one document", code="empty_documents")
+    if len(req.documents) > settings.max_documents:
+        raise _invalid(
+            f"{len(req.documents)} documents is more than --max-documents {settings.max_documents}",
+            code="too_many_documents",
+            param="documents",
+            status=422,
+        )
+    return req
+
+
+def parse_body(raw: bytes, path: str, settings: ServeSettings, max_tokens: int) -> RerankCall:
+    """Decode and validate a rerank body for ``path``.
+
+    Raises:
+        ApiError: 400 for an empty, non-UTF-8 or malformed body, an empty query or document, or no
+            documents; 422 for a wrong type, a value out of range, an unknown prune policy or more than
+            ``settings.max_documents`` documents.
+    """
+    obj = _json_object(raw)
+    dialect = {"/v2/rerank": "v2", "/v1/rerank": "v1"}.get(path) or ("tei" if "texts" in obj else "v1")
+    schema: type[BaseModel] = {"v2": V2Request, "v1": V1Request, "tei": TEIRequest}[dialect]
+    req: Any = _validated(schema, obj)
     docs_key = "texts" if dialect == "tei" else "documents"
     docs = req.texts if dialect == "tei" else req.documents
     if not req.query.strip():
@@ -596,6 +630,23 @@ def _body_doc(model: type[BaseModel]) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
 
 
+def _gate_error(exc: Exception) -> ApiError:
+    """The answer for a request the inference gate did not run: 503 not ready, 429 full, 504 waited."""
+    if isinstance(exc, NotReady):
+        return ApiError(
+            503, f"not ready: {exc}", "service_unavailable", code="not_ready", headers={"Retry-After": "5"}
+        )
+    if isinstance(exc, Overloaded):
+        return ApiError(
+            429,
+            str(exc),
+            "rate_limit_error",
+            code="too_many_requests",
+            headers={"Retry-After": str(exc.retry_after)},
+        )
+    return ApiError(504, str(exc), "timeout_error", code="queue_timeout")
+
+
 def create_app(
     settings: ServeSettings | None = None,
     *,
@@ -651,28 +702,8 @@ def create_app(
             ranking, queued, ran = await state.gate.run(lambda pipe: run_call(pipe, call))
         except ApiError as err:
             return _error_json(err, _is_tei(path, call))
-        except NotReady as exc:
-            err = ApiError(
-                503,
-                f"not ready: {exc}",
-                "service_unavailable",
-                code="not_ready",
-                headers={"Retry-After": "5"},
-            )
-            return _error_json(err, _is_tei(path, call))
-        except Overloaded as exc:
-            err = ApiError(
-                429,
-                str(exc),
-                "rate_limit_error",
-                code="too_many_requests",
-                headers={"Retry-After": str(exc.retry_after)},
-            )
-            return _error_json(err, _is_tei(path, call))
-        except QueueTimeout as exc:
-            return _error_json(
-                ApiError(504, str(exc), "timeout_error", code="queue_timeout"), _is_tei(path, call)
-            )
+        except (NotReady, Overloaded, QueueTimeout) as exc:
+            return _error_json(_gate_error(exc), _is_tei(path, call))
         except Exception:  # a failure in one request must not take the server down
             logger.exception("rerank failed")
             err = ApiError(
@@ -729,6 +760,39 @@ def create_app(
         },
     )
 
+    async def explain_route(request: Request) -> Response:
+        from rerank.explain import explain_payload
+
+        try:
+            req = parse_explain(await request.body(), settings)
+            docs = [d if isinstance(d, str) else d.model_dump(exclude_none=True) for d in req.documents]
+
+            def job(pipe: Any) -> Any:
+                cf = req.counterfactual
+                return explain_payload(pipe, req.query, docs, counterfactual=cf, html=req.html)
+
+            payload, _, _ = await state.gate.run(job)
+        except ApiError as err:
+            return _error_json(err, False)
+        except (NotReady, Overloaded, QueueTimeout) as exc:
+            return _error_json(_gate_error(exc), False)
+        except ValueError as exc:
+            return _error_json(_invalid(str(exc), code="invalid_documents"), False)
+        except Exception:  # a failure in one request must not take the server down
+            logger.exception("explain failed")
+            err = ApiError(500, "internal error while explaining; see the server log", "internal_error")
+            return _error_json(err, False)
+        return JSONResponse(payload)
+
+    app.add_api_route(
+        "/explain",
+        explain_route,
+        methods=["POST"],
+        summary="Why each document landed where it did: the explain page's figures (and HTML if asked)",
+        openapi_extra=_body_doc(ExplainRequest),
+        **common,
+    )
+
     @app.get(
         "/health", summary="200 when the model is loaded; 503 while loading, after a failure or draining"
     )
@@ -756,7 +820,7 @@ def create_app(
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
             comps = schema.setdefault("components", {}).setdefault("schemas", {})
-            for model in (V2Request, V1Request, TEIRequest):
+            for model in (V2Request, V1Request, TEIRequest, ExplainRequest):
                 js = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 comps.update(js.pop("$defs", {}))
                 comps[model.__name__] = js

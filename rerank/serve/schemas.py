@@ -171,3 +171,20 @@ class TEIError(BaseModel):
 
     error: str
     error_type: str
+
+
+class ExplainRequest(BaseModel):
+    """``POST /explain``: one query and its documents, in first-stage order (best first).
+
+    Attributes:
+        counterfactual: Also move the top passage to the other end of its prompt and score it there
+            (one extra prefill).
+        html: Add the self-contained HTML page to the answer, beside the JSON figures.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    query: str
+    documents: list[str | TextDocument]
+    counterfactual: bool = False
+    html: bool = False
