@@ -92,6 +92,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     orders = "two prompt orders" if pipe.config.probe.prompt_order == "both" else "one prompt order"
     k = pipe.config.retriever.top_k
     print(f"  rerank time {sum(seconds) / n:.2f} s per question of {k} passages ({orders})")
+    if sum(rerank_scores) < sum(first_scores):
+        print(
+            "  Here the 135M model's reranking is below this first stage: its attention is a weak signal.\n"
+            "  A larger model is what makes the method strong; fit its bias curve with attn-rerank calibrate."
+        )
     if answer is not None:
         used = ", ".join(p.id for p in answer.passages_used)
         pol = pipe.config.policy
