@@ -33,6 +33,7 @@ SUITES: dict[str, str] = {
     "serve": "eval.serve:run",
     "report": "eval.report:run",
     "batch": "eval.batch:run",
+    "profile": "eval.profile:run",
     "shortlists": "eval.shortlists:run",
 }
 
