@@ -191,39 +191,19 @@ class QueryReranker:
         max_line_bytes: int = 1 << 20,
     ) -> None:
         _set_worker_env()
-        from rerank.pipeline import Pipeline
+        from rerank.cli.common import build_pipeline
 
         self.args = types.SimpleNamespace(
             index=Path(index_dir) if index_dir else None, max_line_bytes=max_line_bytes, top_k=top_k
         )
         self.config = config
-        try:
-            self.pipe = Pipeline.from_config(config, index_dir=self.args.index)
-            self.pipe.reranker  # noqa: B018 - load the model now, once per actor
-        except Exception as exc:  # any failure here is a setup error; the driver reports it (exit 2)
-            where = f" (index {index_dir})" if index_dir is not None else ""
-            raise RuntimeError(f"cannot build the pipeline{where}: {type(exc).__name__}: {exc}") from None
+        self.pipe = build_pipeline(config, self.args.index)  # a failure is reported by the driver (exit 2)
 
     def _retrieve(self, todo: list[Any]) -> tuple[dict[str, list[Any]], dict[str, str]]:
-        """First-stage candidates of requests without candidates, as the local engine retrieves them:
-        the batch at once, and one by one when the batch fails, so that only the failing query is
-        reported (with the local engine's wording)."""
-        if not todo:
-            return {}, {}
-        k = self.config.retriever.top_k
-        try:
-            hits = self.pipe.retriever.search_batch([r.text for r in todo], k=k)
-            return {r.qid: h for r, h in zip(todo, hits, strict=True)}, {}
-        except Exception:
-            logger.info("batch search failed; searching one query at a time", exc_info=True)
-        found: dict[str, list[Any]] = {}
-        failed: dict[str, str] = {}
-        for r in todo:
-            try:
-                found[r.qid] = self.pipe.retriever.search(r.text, k)
-            except Exception as exc:
-                failed[r.qid] = f"retrieval failed: {type(exc).__name__}: {exc}"
-        return found, failed
+        """First-stage candidates of requests without candidates, as the local engine retrieves them."""
+        from rerank.cli.common import retrieve_for
+
+        return retrieve_for(self.pipe, todo, self.config.retriever.top_k)
 
     def pid(self) -> int:
         """This actor's process id (tests kill it)."""

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 EXIT_OK = 0
 EXIT_BAD_LINES = 1
@@ -52,3 +56,43 @@ def positive_int(text: str) -> int:
     return value
 
 
+
+
+def build_pipeline(cfg: Any, index_dir: Path | None) -> Any:
+    """The pipeline of a batch job with its model loaded now, so a bad config fails before any query.
+
+    Raises:
+        RuntimeError: Any failure to build it (a bad index, model, curve or device), in one line.
+    """
+    from rerank.pipeline import Pipeline
+
+    try:
+        pipe = Pipeline.from_config(cfg, index_dir=index_dir)
+        pipe.reranker  # noqa: B018 - load the model now
+    except Exception as exc:  # any failure here is a setup error
+        where = f" (index {index_dir})" if index_dir is not None else ""
+        raise RuntimeError(f"cannot build the pipeline{where}: {type(exc).__name__}: {exc}") from exc
+    return pipe
+
+
+def retrieve_for(pipe: Any, requests: Sequence[Any], k: int) -> tuple[dict[str, list[Any]], dict[str, str]]:
+    """First-stage candidates of the requests without candidates, by qid, and the error of each query whose
+    search failed: the batch at once, and one query at a time when the batch fails, so that only the
+    failing query is reported."""
+    todo = [r for r in requests if r.candidates is None]
+    if not todo:
+        return {}, {}
+    try:
+        hits = pipe.retriever.search_batch([r.text for r in todo], k=k)
+        return {r.qid: h for r, h in zip(todo, hits, strict=True)}, {}
+    except Exception:  # one query broke the batch: search them one by one to find it
+        logger.info("batch search failed; searching one query at a time", exc_info=True)
+    found: dict[str, list[Any]] = {}
+    failed: dict[str, str] = {}
+    for r in todo:
+        try:
+            found[r.qid] = pipe.retriever.search(r.text, k)
+        except Exception as exc:
+            logger.info("search failed for qid %s", r.qid, exc_info=True)
+            failed[r.qid] = f"retrieval failed: {type(exc).__name__}: {exc}"
+    return found, failed

@@ -20,8 +20,10 @@ from rerank.cli.common import (
     EXIT_OK,
     StrictAbort,
     UsageError,
+    build_pipeline,
     load_cli_config,
     positive_int,
+    retrieve_for,
 )
 from rerank.cli.inputs import DEFAULT_MAX_LINE_BYTES, input_queries, read_requests, scan_input
 from rerank.cli.output import (
@@ -155,36 +157,20 @@ def _check_output_is_ours(out: Path, inp: Path, args: argparse.Namespace) -> Non
 
 
 def _build_pipeline(args: argparse.Namespace, cfg: Any) -> Any:
-    from rerank.pipeline import Pipeline
-
     try:
-        pipe = Pipeline.from_config(cfg, index_dir=args.index)
-        pipe.reranker  # noqa: B018 - load the model now: a bad config fails before any query
-    except Exception as exc:  # any failure here is a setup error: a bad index, model, curve or device
+        return build_pipeline(cfg, args.index)
+    except RuntimeError as exc:
         logger.info("the pipeline could not be built", exc_info=True)
-        where = f" (index {args.index})" if args.index is not None else ""
-        raise UsageError(f"cannot build the pipeline{where}: {type(exc).__name__}: {exc}") from None
-    return pipe
+        raise UsageError(str(exc)) from None
 
 
 def _retrieve(pipe: Any, batch: list[Any], k: int, errors: ErrorLog) -> dict[str, list[Any]]:
     """First-stage candidates of the batch's lines without candidates; a query whose search fails is
     reported (with its qid) and left out."""
-    todo = [r for r in batch if r.candidates is None]
-    if not todo:
-        return {}
-    try:
-        hits = pipe.retriever.search_batch([r.text for r in todo], k=k)
-        return {r.qid: h for r, h in zip(todo, hits, strict=True)}
-    except Exception:  # one query broke the batch: search them one by one to find it
-        logger.info("batch search failed; searching one query at a time", exc_info=True)
-    found = {}
-    for r in todo:
-        try:
-            found[r.qid] = pipe.retriever.search(r.text, k)
-        except Exception as exc:
-            logger.info("search failed for qid %s", r.qid, exc_info=True)
-            errors.report(r.line, f"retrieval failed: {type(exc).__name__}: {exc}", None, qid=r.qid)
+    found, failed = retrieve_for(pipe, batch, k)
+    for r in batch:
+        if r.qid in failed:
+            errors.report(r.line, failed[r.qid], None, qid=r.qid)
     return found
 
 
