@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -90,6 +91,37 @@ def scan_output(path: Path) -> OutputScan:
     return scan
 
 
+def _check_own_file(path: Path, flag: str, what: str, is_own: Callable[[bytes], bool]) -> None:
+    """Refuse an existing file given as ``flag`` unless every line is ``what`` this tool writes there."""
+    if not path.exists():
+        return
+    if not path.is_file():
+        raise UsageError(f"{flag} {path} is not a regular file")
+    try:
+        with path.open("rb") as f:
+            for n, raw in enumerate(f, start=1):
+                if not is_own(raw):
+                    raise UsageError(
+                        f"{path} exists and line {n} is not {what}; the run would replace that file: "
+                        f"pass --overwrite to allow it, or choose another {flag}"
+                    )
+    except OSError as exc:
+        raise UsageError(f"cannot read {flag} {path}: {exc.strerror or exc}") from None
+
+
+def _is_error_record(raw: bytes) -> bool:
+    try:
+        rec = json.loads(raw)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(rec, dict) and "line" in rec and "error" in rec
+
+
+def _is_trec_line(raw: bytes) -> bool:
+    cols = raw.split()
+    return len(cols) == 6 and cols[1] == b"Q0"
+
+
 def check_errors_file(path: Path) -> None:
     """Refuse an existing errors file that this tool did not write (each of its lines is an error record
     ``{"line", "error", ...}``); the run rewrites that file.
@@ -97,24 +129,7 @@ def check_errors_file(path: Path) -> None:
     Raises:
         UsageError: The path is not a regular file, or holds a line that is not an error record.
     """
-    if not path.exists():
-        return
-    if not path.is_file():
-        raise UsageError(f"--errors {path} is not a regular file")
-    try:
-        with path.open("rb") as f:
-            for n, raw in enumerate(f, start=1):
-                try:
-                    rec = json.loads(raw)
-                except (ValueError, RecursionError):
-                    rec = None
-                if not isinstance(rec, dict) or "line" not in rec or "error" not in rec:
-                    raise UsageError(
-                        f"{path} exists and line {n} is not an attn-rerank error record; the run would "
-                        "replace that file: pass --overwrite to allow it, or choose another --errors"
-                    )
-    except OSError as exc:
-        raise UsageError(f"cannot read --errors {path}: {exc.strerror or exc}") from None
+    _check_own_file(path, "--errors", "an attn-rerank error record", _is_error_record)
 
 
 def check_trec_file(path: Path) -> None:
@@ -123,21 +138,7 @@ def check_trec_file(path: Path) -> None:
     Raises:
         UsageError: The path is not a regular file, or holds a line that is not a TREC run line.
     """
-    if not path.exists():
-        return
-    if not path.is_file():
-        raise UsageError(f"--trec-run {path} is not a regular file")
-    try:
-        with path.open("rb") as f:
-            for n, raw in enumerate(f, start=1):
-                cols = raw.split()
-                if len(cols) != 6 or cols[1] != b"Q0":
-                    raise UsageError(
-                        f"{path} exists and line {n} is not a TREC run line; the run would replace that "
-                        "file: pass --overwrite to allow it, or choose another --trec-run"
-                    )
-    except OSError as exc:
-        raise UsageError(f"cannot read --trec-run {path}: {exc.strerror or exc}") from None
+    _check_own_file(path, "--trec-run", "a TREC run line", _is_trec_line)
 
 
 def _fsync_dir(path: Path) -> None:

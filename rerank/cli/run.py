@@ -222,8 +222,6 @@ def _process(
     return processed
 
 
-
-
 def add_parser(sub: argparse._SubParsersAction, fmt: type[argparse.HelpFormatter]) -> None:
     """Register ``run``."""
     p_run = sub.add_parser(
