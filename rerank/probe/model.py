@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from rerank.config import ModelConfig
+from retrievers.base import cpu_has_native_bf16
 
 logger = logging.getLogger(__name__)
 
@@ -53,15 +54,6 @@ class LoadedModel:
     @property
     def num_heads(self) -> int:
         return int(self.model.config.num_attention_heads)
-
-
-def cpu_has_native_bf16() -> bool:
-    """True when the CPU has AMX-BF16 or AVX512-BF16 (bf16 matmuls then run ~3x faster than fp32)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 def resolve_device(device: str) -> str:
