@@ -64,6 +64,10 @@ The theoretical figures (``capture_*``, ``nxn_*``) compare what the probe alloca
 heads x N x head_dim x 4) with an N x N attention map (heads x N x N x 4 per layer, or x layers in bf16
 for ``output_attentions=True``).
 
+Throughput (``--opt only=throughput``, its own JSON): queries/s of the shipped default on DL19's BM25
+top-20 and top-100 with and without ``probe.batch_prompts``, beside a plain prefill of the same prompts,
+with nDCG@10 and peak RSS of each; see :mod:`eval.throughput`.
+
 ``--quick``: a ~500-token ``main`` prompt and 5 and 10 passages cut to 32 tokens, 1 round, the
 baselines at 5 passages only. Options (``--opt key=value``): ``repeats``, ``lengths``
 (``10,20,50,100``), ``passage_max_tokens`` (the sweep's), ``fresh_process_per_length``, ``threads``
@@ -676,6 +680,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from rerank.probe.prompt import NA_QUERY, build_prompt
 
     opts = dict(getattr(args, "opts", None) or {})
+    if opts.get("only") == "throughput":
+        from eval.throughput import run_throughput
+
+        check_opts(opts, ["only", "queries20", "queries100", "threads"])
+        started = time.perf_counter()
+        out = run_throughput(Path(args.data_dir), opts, bool(args.quick))
+        out["config"]["wall_seconds"] = round(time.perf_counter() - started, 1)
+        out["config"]["quick"] = bool(args.quick)
+        return {
+            "suite": SUITE,
+            **out,
+            "machine": {**machine_info(), "torch_threads": torch.get_num_threads()},
+        }
+    opts.pop("only", None) if opts.get("only") in ("", "all") else None
     check_opts(
         opts,
         [

@@ -111,6 +111,10 @@ class ProbeConfig(_Frozen):
             (one prefill each) instead of ``prompt_order``'s orders, so that every passage sits in every
             slot once and the list's order stops mattering; 0 = never (short lists are what RAG
             callers send, and there the per-slot curve transfers worst).
+        batch_prompts: Probe the prompts of one window (its two orders, or its rotations) as one batch:
+            one forward over all of them instead of one each. Scores equal the one-at-a-time path up to
+            the kernels' rounding. Off by default: on a 2-core CPU it is 8% slower (``python -m eval
+            speed --opt only=throughput``, docs/method.md); meant for accelerators.
         max_context_tokens: Cap on the prompt length; None = the model's context window.
     """
 
@@ -126,6 +130,7 @@ class ProbeConfig(_Frozen):
     window_merge: Literal["zscore", "raw"] = "zscore"
     first_stage_weight: float = Field(default=0.0, ge=0.0, allow_inf_nan=False)
     rotations_up_to: int = Field(default=0, ge=0)
+    batch_prompts: bool = False
     max_context_tokens: int | None = Field(default=None, ge=64)
 
     @field_validator(

@@ -344,3 +344,67 @@ def test_rotations_make_short_lists_order_free(smol_model):
     for other in scores[1:]:
         for pid, s in scores[0].items():
             assert other[pid] == pytest.approx(s, abs=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["smollm2", "qwen2"])
+def test_batched_prompts_equal_one_at_a_time(smol32, kind):
+    m = smol32 if kind == "smollm2" else _tiny(kind, smol32.tokenizer)
+    probe = AttentionProbe(m, layers=(0, 3))
+    orders = [PASSAGES, PASSAGES[::-1], PASSAGES[1:] + PASSAGES[:1]]
+    prompts = [build_prompt(m.tokenizer, QUERY, ps) for ps in orders]
+    nas = [build_prompt(m.tokenizer, NA_QUERY, ps) for ps in orders]
+    assert len({p.num_tokens for p in prompts}) == 1, "the orders of one list tokenise to one length"
+    calls = []
+    handle = m.model.model.layers[0].register_forward_hook(lambda mod, a, out: calls.append(a[0].shape[0]))
+    try:
+        batched = probe.run_prompts(prompts, nas)
+    finally:
+        handle.remove()
+    assert calls == [3, 3], "one forward over the three prompts, one over their N/A twins"
+    for out, q, n in zip(batched, prompts, nas, strict=True):
+        one = probe.run_prompt(q, n)
+        assert out.spans == one.spans and out.prompt == q
+        for field in ("query_tok", "na_tok", "query_head", "na_head"):
+            np.testing.assert_allclose(getattr(out, field), getattr(one, field), atol=2e-6, err_msg=field)
+
+
+def test_batched_prompts_fall_back_where_they_cannot_batch(smol32):
+    probe = AttentionProbe(smol32, layers=(0, 3))
+    prompts = [build_prompt(smol32.tokenizer, QUERY, ps) for ps in (PASSAGES, PASSAGES[:-1])]
+    calls = []
+    handle = smol32.model.model.layers[0].register_forward_hook(lambda mod, a, out: calls.append(1))
+    try:
+        outs = probe.run_prompts(prompts)  # two lengths: probed one at a time
+    finally:
+        handle.remove()
+    assert len(calls) == 2 and [o.prompt for o in outs] == prompts
+    for out, q in zip(outs, prompts, strict=True):
+        np.testing.assert_allclose(out.query_head, probe.run_prompt(q).query_head, atol=1e-7)
+    gemma = _tiny("gemma3", smol32.tokenizer)  # sliding-window caches: one at a time as well
+    g = AttentionProbe(gemma)
+    gp = [build_prompt(gemma.tokenizer, QUERY, ps) for ps in (PASSAGES, PASSAGES[::-1])]
+    gn = [build_prompt(gemma.tokenizer, NA_QUERY, ps) for ps in (PASSAGES, PASSAGES[::-1])]
+    for out, q, n in zip(g.run_prompts(gp, gn), gp, gn, strict=True):
+        np.testing.assert_allclose(out.na_head, g.run_prompt(q, n).na_head, atol=1e-7)
+    with pytest.raises(ValueError, match="2 prompts but 1 N/A prompts"):
+        probe.run_prompts(prompts, gn[:1])
+
+
+@pytest.mark.parametrize("extra", [{}, {"rotations_up_to": 5}])
+def test_reranker_batched_prompts_keep_the_scores(smol32, extra):
+    from rerank.engines import AttentionReranker
+
+    def reranker(batch):
+        cfg = ProbeConfig(
+            layers=(12, 19), nacal_form="ratio", prompt_order="both", batch_prompts=batch, **extra
+        )
+        return AttentionReranker(smol32, cfg)
+
+    hits = [Hit(passage=p, score=float(10 - i), rank=i + 1) for i, p in enumerate(PASSAGES)]
+    one, batched = reranker(False).rerank(QUERY, hits), reranker(True).rerank(QUERY, hits)
+    assert [it.passage.id for it in batched.items] == [it.passage.id for it in one.items]
+    assert batched.info["prompts"] == one.info["prompts"] == (len(PASSAGES) if extra else 2)
+    for a, b in zip(batched.items, one.items, strict=True):
+        assert a.raw_score == pytest.approx(b.raw_score, abs=1e-5)
+        assert a.calibrated_score == pytest.approx(b.calibrated_score, abs=1e-4)
+        assert a.prompt_position == b.prompt_position

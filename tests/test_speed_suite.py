@@ -203,3 +203,42 @@ def test_prompts_fit_and_grow(quick_result: dict) -> None:
     assert all(p["query_tokens"] > 0 and p["tokens"] <= 8192 for p in prompts.values())
     gflop = [prompts[f"@{n}"]["prefill_gflop"] for n in quick_result["config"]["lengths"]]
     assert gflop == sorted(gflop)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The throughput part (--opt only=throughput)
+
+
+@slow
+def test_throughput_part_times_every_system_on_the_same_queries(data_dir: Path) -> None:
+    if not (data_dir / "trec-dl19" / "bm25_top100.json").is_file():
+        pytest.skip("TREC DL19 BM25 run not found in the shared data")
+    from eval.speed import run
+
+    args = argparse.Namespace(
+        data_dir=data_dir, output=None, quick=True, opts={"only": "throughput", "queries100": "0"}
+    )
+    res = run(args)
+    assert res["suite"] == "speed" and res["config"]["probe"]["prompt_order"] == "both"
+    systems = res["systems"]
+    assert list(systems) == ["default", "batched", "prefix-reuse", "plain-prefill"]
+    default = systems["default"]
+    for name, fig in systems.items():
+        assert fig["queries@20"] == 2 and "queries@100" not in fig
+        # Ratios come from the same run's seconds.
+        assert fig["ratio_vs_default@20"] == pytest.approx(
+            default["seconds_per_query@20"] / fig["seconds_per_query@20"], rel=1e-3
+        )
+        assert fig["cost_vs_plain_prefill@20"] == pytest.approx(
+            fig["seconds_per_query@20"] / systems["plain-prefill"]["seconds_per_query@20"], rel=1e-3
+        )
+        if name != "plain-prefill":
+            assert 0 < fig["ndcg@10@20"] <= 1
+    # The batched and prefix-reusing probes read the same prompts: their scores stay close to the default's.
+    for name in ("batched", "prefix-reuse"):
+        assert systems[name]["max_abs_score_difference@20"] < 0.5
+    from eval.common import SuiteError
+
+    bad = {"only": "throughput", "lengths": "5"}
+    with pytest.raises(SuiteError, match="unknown --opt lengths"):
+        run(argparse.Namespace(data_dir=data_dir, output=None, quick=True, opts=bad))

@@ -199,24 +199,31 @@ class AttentionReranker(BatchReranker):
             "template": template_id(self.template),
         }
 
-    def _probe_scores(self, query: str, prompt_passages: Sequence[Passage]) -> tuple[np.ndarray, np.ndarray]:
-        """Raw and calibrated scores of passages probed in exactly the given prompt order."""
+    def _probe_scores(
+        self, query: str, prompt_orders: Sequence[Sequence[Passage]]
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Raw and calibrated scores of each passage list, probed in exactly the given prompt order
+        (several lists as one batch with ``probe.batch_prompts``)."""
         from rerank.probe.capture import stats_of
 
-        out = self.engine.probe(
+        outs = self.engine.probe_orders(
             query,
-            prompt_passages,
+            prompt_orders,
             content_free=self.calibrator.needs_content_free,
             max_passage_tokens=self.cfg.passage_max_tokens,
             template=self.template,
+            batch=self.cfg.batch_prompts,
         )
-        slots = list(range(len(prompt_passages)))
-        stats = stats_of(out)
-        raw, cal = self.calibrator(stats, slots, ScoreSettings.of(self.cfg), self.curve)
+        scored = []
         kept = _TRACE.get()
-        if kept is not None:
-            kept.append(ProbeTrace(tuple(prompt_passages), out, stats, raw, cal))
-        return raw, cal
+        for prompt_passages, out in zip(prompt_orders, outs, strict=True):
+            slots = list(range(len(prompt_passages)))
+            stats = stats_of(out)
+            raw, cal = self.calibrator(stats, slots, ScoreSettings.of(self.cfg), self.curve)
+            if kept is not None:
+                kept.append(ProbeTrace(tuple(prompt_passages), out, stats, raw, cal))
+            scored.append((raw, cal))
+        return scored
 
     def score_window(
         self, query: str, passages: Sequence[Passage]
@@ -229,19 +236,17 @@ class AttentionReranker(BatchReranker):
         in the first (``reversed``) prompt. A window of one passage is probed once.
         """
         orders = window_orders(len(passages), self.cfg)
-        raws, cals = [], []
-        for order in orders:
-            raw_s, cal_s = self._probe_scores(
-                query, [passages[c] for c in prompt_slots(len(passages), order)]
-            )
-            raws.append(to_candidate_order(raw_s, order))
-            cals.append(to_candidate_order(cal_s, order))
+        scored = self._probe_scores(
+            query, [[passages[c] for c in prompt_slots(len(passages), order)] for order in orders]
+        )
+        raws = [to_candidate_order(raw_s, order) for order, (raw_s, _) in zip(orders, scored, strict=True)]
+        cals = [to_candidate_order(cal_s, order) for order, (_, cal_s) in zip(orders, scored, strict=True)]
         pos = [int(x) for x in to_candidate_order(np.arange(len(passages)), orders[0])]
         return np.mean(raws, axis=0), merge_orders(cals), pos
 
     def score_in_prompt_order(self, query: str, passages: Sequence[Passage]) -> np.ndarray:
         """Calibrated scores of ``passages`` probed in exactly the given prompt order (iterative sorting)."""
-        return self._probe_scores(query, passages)[1]
+        return self._probe_scores(query, [passages])[0][1]
 
     def rerank(
         self,

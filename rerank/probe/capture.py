@@ -80,19 +80,19 @@ _ACTIVE: contextvars.ContextVar[_Capture | None] = contextvars.ContextVar("attn_
 def _probe_rows(
     module: Any, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float
 ) -> torch.Tensor:
-    """Softmax attention of all query rows of this call against all keys: (heads, kv_len), mean over rows.
+    """Softmax attention of all query rows of this call against all keys: (batch, heads, kv_len), mean
+    over rows.
 
-    Shapes: query (1, Hq, m, d); key (1, Hkv, N, d), already rotated (post-RoPE). Grouped KV heads are
-    repeated to match the query heads. Rows are upcast to fp32 first: bf16 logits lose precision.
+    Shapes: query (B, Hq, m, d); key (B, Hkv, N, d), already rotated (post-RoPE). Grouped KV heads are
+    repeated to match the query heads. Rows are upcast to fp32 first: bf16 logits lose precision. The
+    batch rows of one call are prompts of equal length (no padding), so they share one mask.
     """
     groups = query.shape[1] // key.shape[1]
     k = repeat_kv(key, groups) if groups > 1 else key
-    q = query[0].float()
-    k = k[0].float()
-    logits = torch.matmul(q, k.transpose(-1, -2)) * scaling  # (H, m, N)
+    logits = torch.matmul(query.float(), k.float().transpose(-1, -2)) * scaling  # (B, H, m, N)
     m, n = logits.shape[-2], logits.shape[-1]
     if attention_mask is not None:
-        mask = attention_mask[0, :, -m:, :n]
+        mask = attention_mask[:, :, -m:, :n]
         if mask.dtype == torch.bool:
             logits = logits.masked_fill(~mask, float("-inf"))
         else:
@@ -105,7 +105,7 @@ def _probe_rows(
     soft_cap = getattr(getattr(module, "config", None), "attn_logit_softcapping", None)
     if soft_cap:
         logits = torch.tanh(logits / soft_cap) * soft_cap
-    return torch.softmax(logits, dim=-1).mean(dim=1)  # (H, N)
+    return torch.softmax(logits, dim=-1).mean(dim=2)  # (B, H, N)
 
 
 def _attn_probe_forward(
@@ -128,12 +128,13 @@ def _attn_probe_forward(
         if rows.shape[-1] < cap.total:
             rows = torch.nn.functional.pad(rows, (cap.total - rows.shape[-1], 0))
         cap.out[layer] = rows
+    if cap is not None and cap.stop_after is not None and layer == cap.stop_after:
+        # The forward stops here: the layer's attention output would never be read.
+        raise _StopForward
     if soft_cap is not None:
         out = _eager_softcap(module, query, key, value, attention_mask, scaling, soft_cap)
     else:
         out = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
-    if cap is not None and cap.stop_after is not None and layer == cap.stop_after:
-        raise _StopForward
     return out
 
 
@@ -162,6 +163,15 @@ def _crop_to(cache: Any, length: int) -> None:
     extra = cache.get_seq_length() - length
     if extra > 0:
         cache.crop(-extra)
+
+
+def _is_sliding(cache: Any) -> bool:
+    return any("Sliding" in type(layer).__name__ for layer in getattr(cache, "layers", []))
+
+
+def _check_na_prefix(prompt: ProbePrompt, na_prompt: ProbePrompt) -> None:
+    if tuple(na_prompt.input_ids[: na_prompt.prefix_len]) != tuple(prompt.input_ids[: prompt.prefix_len]):
+        raise RuntimeError("N/A prompt does not share the query prompt's prefix tokens")
 
 
 def check_supported(model: Any) -> None:
@@ -245,22 +255,23 @@ class AttentionProbe:
         return int(getattr(self.m.model.config, "max_position_embeddings", 4096))
 
     def _forward(
-        self, ids: Sequence[int], cache: Any, capture: bool, rows: int | None = None
+        self, ids: Sequence[Sequence[int]], cache: Any, capture: bool, rows: int | None = None
     ) -> dict[int, torch.Tensor]:
-        """Forward ``ids`` after ``cache``; with ``capture``, read the last ``rows`` rows (default all)."""
+        """Forward a batch of equal-length ``ids`` rows after ``cache``; with ``capture``, read the last
+        ``rows`` rows of each (default all): ``{layer: (batch, heads, kv_len)}``."""
+        past = cache.get_seq_length() if cache is not None else 0
+        x = torch.tensor([list(r) for r in ids], device=self.m.device)
         cap = _Capture(
             layers=frozenset(self.layers),
             stop_after=self.layers[-1] if self.early_exit else None,
             out={},
             capture=capture,
             rows=rows,
-            total=(cache.get_seq_length() if cache is not None else 0) + len(ids),
+            total=past + x.shape[1],
         )
         token = _ACTIVE.set(cap)
         try:
-            x = torch.tensor([list(ids)], device=self.m.device)
-            past = cache.get_seq_length() if cache is not None else 0
-            pos = torch.arange(past, past + x.shape[1], device=self.m.device)[None]
+            pos = torch.arange(past, past + x.shape[1], device=self.m.device)[None].expand(x.shape[0], -1)
             with torch.inference_mode():
                 try:
                     self.m.model.model(input_ids=x, cache=cache, use_cache=True, position_ids=pos)
@@ -270,15 +281,18 @@ class AttentionProbe:
             _ACTIVE.reset(token)
         return cap.out
 
-    def run_prompt(self, prompt: ProbePrompt, na_prompt: ProbePrompt | None = None) -> ProbeOutput:
-        """Probe one tokenised prompt (and optionally its ``N/A`` twin, reusing the prefix's KV cache)."""
-        from transformers import DynamicCache
-
+    def _check_fits(self, prompt: ProbePrompt) -> None:
         if prompt.num_tokens > self.max_tokens:
             raise ValueError(
                 f"prompt has {prompt.num_tokens} tokens but the model's context is {self.max_tokens}; "
                 "lower probe.window_size or probe.passage_max_tokens"
             )
+
+    def run_prompt(self, prompt: ProbePrompt, na_prompt: ProbePrompt | None = None) -> ProbeOutput:
+        """Probe one tokenised prompt (and optionally its ``N/A`` twin, reusing the prefix's KV cache)."""
+        from transformers import DynamicCache
+
+        self._check_fits(prompt)
         p = prompt.prefix_len
         prefix = tuple(prompt.input_ids[:p])
         cache, start = self._take_kept(prefix)
@@ -288,26 +302,65 @@ class AttentionProbe:
         # a copy of the prefix's cache, taken between a prefix call and a query call. Otherwise prefix and
         # query go through in one call, capturing only the query rows (a second call's fixed cost is a
         # noticeable share of a short prompt's prefill).
-        sliding = any("Sliding" in type(layer).__name__ for layer in getattr(cache, "layers", []))
+        sliding = _is_sliding(cache)
         spare = None
         if na_prompt is not None and sliding:
-            self._forward(prefix[start:], cache, capture=False)
+            self._forward([prefix[start:]], cache, capture=False)
             spare = copy.deepcopy(cache)
             start = p
-        q_rows = self._forward(prompt.input_ids[start:], cache, capture=True, rows=prompt.num_tokens - p)
+        q_rows = self._forward([prompt.input_ids[start:]], cache, capture=True, rows=prompt.num_tokens - p)
         na_rows = None
         if na_prompt is not None:
-            if tuple(na_prompt.input_ids[: na_prompt.prefix_len]) != prefix:
-                raise RuntimeError("N/A prompt does not share the query prompt's prefix tokens")
+            _check_na_prefix(prompt, na_prompt)
             if spare is not None:
                 cache = spare
             else:
                 _crop_to(cache, p)
-            na_rows = self._forward(na_prompt.input_ids[p:], cache, capture=True)
+            na_rows = self._forward([na_prompt.input_ids[p:]], cache, capture=True)
         if self.reuse_prefix and not sliding:
             _crop_to(cache, p)
             self._kept = (prefix, cache)
-        return self._collect(prompt, q_rows, na_rows)
+        return self._collect(prompt, q_rows, na_rows, 0)
+
+    def run_prompts(
+        self, prompts: Sequence[ProbePrompt], na_prompts: Sequence[ProbePrompt] | None = None
+    ) -> list[ProbeOutput]:
+        """Probe several prompts as one batch: one forward over all of them, then one over their
+        ``N/A`` twins after cropping the batch's cache back to the shared prefix length.
+
+        The prompts must have the same length and prefix length (the prompt orders of one window do,
+        whenever the tokenizer splits every order alike); otherwise, and with ``reuse_prefix`` or a
+        sliding-window cache, they are probed one at a time. Results equal :meth:`run_prompt`'s per
+        prompt up to the kernels' rounding (a batch may take other matmul blocking).
+        """
+        from transformers import DynamicCache
+
+        na_list = list(na_prompts) if na_prompts is not None else None
+        if na_list is not None and len(na_list) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(na_list)} N/A prompts")
+        first = prompts[0] if prompts else None
+        batchable = (
+            first is not None
+            and len(prompts) > 1
+            and not self.reuse_prefix
+            and all((q.num_tokens, q.prefix_len) == (first.num_tokens, first.prefix_len) for q in prompts)
+            and (na_list is None or len({n.num_tokens for n in na_list}) == 1)
+        )
+        cache = DynamicCache(config=self.m.model.config) if batchable else None
+        if not batchable or _is_sliding(cache):
+            nas = na_list if na_list is not None else [None] * len(prompts)
+            return [self.run_prompt(q, n) for q, n in zip(prompts, nas, strict=True)]
+        assert first is not None
+        self._check_fits(first)
+        p = first.prefix_len
+        q_rows = self._forward([q.input_ids for q in prompts], cache, capture=True, rows=first.num_tokens - p)
+        na_rows = None
+        if na_list is not None:
+            for q, n in zip(prompts, na_list, strict=True):
+                _check_na_prefix(q, n)
+            _crop_to(cache, p)
+            na_rows = self._forward([n.input_ids[p:] for n in na_list], cache, capture=True)
+        return [self._collect(q, q_rows, na_rows, b) for b, q in enumerate(prompts)]
 
     def _take_kept(self, prefix: tuple[int, ...]) -> tuple[Any, int]:
         """The kept cache cropped to its common token prefix with ``prefix``, and that length."""
@@ -327,12 +380,16 @@ class AttentionProbe:
         return cache, n
 
     def _collect(
-        self, prompt: ProbePrompt, q_rows: dict[int, torch.Tensor], na_rows: dict[int, torch.Tensor] | None
+        self,
+        prompt: ProbePrompt,
+        q_rows: dict[int, torch.Tensor],
+        na_rows: dict[int, torch.Tensor] | None,
+        b: int,
     ) -> ProbeOutput:
         p = prompt.prefix_len
 
         def stack(rows: dict[int, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
-            per_head = torch.stack([rows[layer][:, :p] for layer in self.layers])  # (L, H, p)
+            per_head = torch.stack([rows[layer][b, :, :p] for layer in self.layers])  # (L, H, p)
             sel = per_head if self.heads is None else per_head[:, list(self.heads)]
             tok = sel.sum(dim=1).cpu().numpy()
             head = np.stack(
@@ -356,15 +413,37 @@ class AttentionProbe:
         template: PromptTemplate | None = None,
     ) -> ProbeOutput:
         """Build the prompt for ``passages`` (in the given order) and probe it."""
-        prompt = build_prompt(
-            self.m.tokenizer, query, passages, max_passage_tokens=max_passage_tokens, template=template
-        )
-        na = None
-        if content_free:
-            na = build_prompt(
-                self.m.tokenizer, NA_QUERY, passages, max_passage_tokens=max_passage_tokens, template=template
+        return self.probe_orders(
+            query,
+            [passages],
+            content_free=content_free,
+            max_passage_tokens=max_passage_tokens,
+            template=template,
+        )[0]
+
+    def probe_orders(
+        self,
+        query: str,
+        orders: Sequence[Sequence[Passage]],
+        *,
+        content_free: bool = True,
+        max_passage_tokens: int = 300,
+        template: PromptTemplate | None = None,
+        batch: bool = False,
+    ) -> list[ProbeOutput]:
+        """Probe the same query over several passage lists (e.g. the prompt orders of one window): one
+        prompt each, probed one after another, or with ``batch`` as one batch (:meth:`run_prompts`)."""
+
+        def build(q: str, passages: Sequence[Passage]) -> ProbePrompt:
+            return build_prompt(
+                self.m.tokenizer, q, passages, max_passage_tokens=max_passage_tokens, template=template
             )
-        return self.run_prompt(prompt, na)
+
+        prompts = [build(query, ps) for ps in orders]
+        nas = [build(NA_QUERY, ps) for ps in orders] if content_free else None
+        if batch:
+            return self.run_prompts(prompts, nas)
+        return [self.run_prompt(q, nas[i] if nas is not None else None) for i, q in enumerate(prompts)]
 
 
 def reference_rows(model: LoadedModel, ids: Sequence[int], m: int) -> dict[int, torch.Tensor]:
