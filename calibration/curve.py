@@ -22,7 +22,7 @@ import json
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -414,6 +414,26 @@ def fit_curve(
         "lists_per_length": {str(n): len(r) for n, r in by_len.items()},
     }
     return BiasCurve(mode=mode, lengths=sorted(by_len), mean=mean, sd=sd, lower=lower, upper=upper, meta=meta)
+
+
+def equalise_lengths(
+    curve: BiasCurve, sweeps: Mapping[int, np.ndarray], note: Mapping[str, Any] | None = None
+) -> BiasCurve:
+    """A copy of ``curve`` with per-slot offsets at each length of ``sweeps`` (``{n: (questions, n, n)}``
+    sweep scores), each fitted by :func:`equalise` with as many bins as slots, up to 5. The curve's
+    other offsets, and the record of how they were fitted (``meta.fit.offset``), are kept; each
+    length's figures go to ``meta.fit.offsets_by_length``."""
+    original = dict(curve.meta.get("fit", {}))
+    records = dict(original.get("offsets_by_length", {}))
+    for n in sorted(sweeps):
+        curve = equalise(curve, sweeps[n], bins=min(5, n), note=note)
+        records[str(n)] = curve.meta["fit"]["offset"]
+    fit = {**curve.meta["fit"], "offsets_by_length": records}
+    if "offset" in original:
+        fit["offset"] = original["offset"]
+    else:
+        fit.pop("offset", None)
+    return replace(curve, meta={**curve.meta, "fit": fit})
 
 
 def sweep_recall(corrected: np.ndarray) -> np.ndarray:

@@ -355,6 +355,20 @@ def per_query_metric(
     return out
 
 
+def paired_bootstrap_ci(
+    a: Mapping[str, float], b: Mapping[str, float], trials: int = 10000, seed: int = 0
+) -> tuple[float, float, float]:
+    """Mean of the per-query differences ``a - b`` and its 95% paired-bootstrap interval (queries
+    resampled with replacement, ``trials`` times)."""
+    import numpy as np
+
+    d = np.array([a[q] - b[q] for q in a], dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, len(d), size=(trials, len(d)))].mean(axis=1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return float(d.mean()), float(lo), float(hi)
+
+
 def quick_corpus(
     corpus: Sequence[Any],
     qids: Sequence[str],

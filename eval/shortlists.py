@@ -18,8 +18,19 @@ Systems: ``default`` (the shipped reading: two prompt orders), ``rotations`` (wi
 passages read in all their cyclic rotations, ``probe.rotations_up_to: 5``), the controls ``in-list-bm25``
 (NQ) and ``bm25`` (DL19, the given order), each with ``prefills_per_list``.
 
-Options (``--opt``): ``questions=N`` NQ questions (default 50; quick 4), ``lengths=3,5``,
-``split=dev|test``, ``dl19_queries=N`` (default 43; quick 3), ``systems=default,rotations``,
+SciFact (``--opt scifact=N``, the choosing set of the relevance issue's protocol; default 0 = skipped):
+the first N test queries with judgements, BM25's top ``scifact_depth`` (default 5) reranked by each
+system as shipped, fused with the BM25 scores (``scifact_ndcg@10``), and by the probe alone
+(``scifact_ndcg@10_unfused``, the same prompts ranked by the calibrated score), beside BM25's own order;
+each system other than ``default`` gets the mean per-query difference to ``default`` and its 95%
+paired-bootstrap interval (``scifact_minus_default``, ``..._ci95``), fused and unfused.
+
+``candidate`` (with ``--opt curve=PATH``): the default's reading with another curve file (e.g. one with
+per-slot offsets fitted at short lengths) in place of the shipped ones.
+
+Options (``--opt``): ``questions=N`` NQ questions (default 50; quick 4), ``start=N`` (skip the first N
+questions of the split), ``lengths=3,5``, ``split=dev|test``, ``dl19_queries=N`` (default 43; quick 3),
+``systems=default,rotations`` (add ``candidate`` with ``curve``), ``curve=PATH``,
 ``passage_max_tokens=N`` (default the config's; quick 32).
 """
 
@@ -30,9 +41,17 @@ from typing import Any
 
 import numpy as np
 
-from eval.common import check_opts, get_opt, ir_metrics, with_passage_tokens
+from eval.common import (
+    SuiteError,
+    check_opts,
+    get_opt,
+    ir_metrics,
+    paired_bootstrap_ci,
+    per_query_metric,
+    with_passage_tokens,
+)
 
-VARIANTS = {"default": {}, "rotations": {"rotations_up_to": 5}}
+VARIANTS = {"default": {}, "rotations": {"rotations_up_to": 5}, "candidate": {}}
 
 
 def _bins(per_slot: np.ndarray, bins: int = 5) -> float:
@@ -95,6 +114,26 @@ def _dl19_rotations(rr: Any, queries: list[dict[str, Any]], qrels: dict, k: int 
     }
 
 
+def _scifact(rr: Any, queries: list[dict[str, Any]], depth: int) -> tuple[dict, dict]:
+    """Runs ``{qid: {doc: score}}`` of ``rr`` over each query's top ``depth``: fused (as configured)
+    and unfused (by the calibrated score of the same prompts; one window, so its order is the probe's)."""
+    from rerank.records import Hit
+
+    fused: dict[str, dict[str, float]] = {}
+    alone: dict[str, dict[str, float]] = {}
+    for q in queries:
+        hits = [
+            Hit(passage=p, score=s, rank=i + 1)
+            for i, (p, s) in enumerate(zip(q["passages"][:depth], q["first_stage"][:depth], strict=True))
+        ]
+        ranked = rr.rerank(q["query"], hits)
+        fused[q["qid"]] = {it.passage.id: float(depth - i) for i, it in enumerate(ranked.items)}
+        given = {h.passage.id: i for i, h in enumerate(hits)}
+        by_cal = sorted(ranked.items, key=lambda it: (-it.calibrated_score, given[it.passage.id]))
+        alone[q["qid"]] = {it.passage.id: float(depth - i) for i, it in enumerate(by_cal)}
+    return fused, alone
+
+
 def run(args: Namespace) -> dict[str, Any]:
     from eval.nq import load_nq
     from eval.rerank import load_dl19
@@ -103,25 +142,55 @@ def run(args: Namespace) -> dict[str, Any]:
     from rerank.probe.model import load_model
 
     opts = getattr(args, "opts", {}) or {}
-    check_opts(opts, ["questions", "lengths", "split", "dl19_queries", "systems", "passage_max_tokens"])
+    check_opts(
+        opts,
+        [
+            "questions",
+            "start",
+            "lengths",
+            "split",
+            "dl19_queries",
+            "systems",
+            "passage_max_tokens",
+            "curve",
+            "scifact",
+            "scifact_depth",
+        ],
+    )
     quick = args.quick
     n_q = int(get_opt(opts, "questions", 4 if quick else 50))
     lengths = [int(x) for x in str(get_opt(opts, "lengths", "3,5")).split(",")]
     split = get_opt(opts, "split", "dev")
     n_dl = int(get_opt(opts, "dl19_queries", 3 if quick else 43))
-    names = str(get_opt(opts, "systems", ",".join(VARIANTS))).split(",")
+    start = int(get_opt(opts, "start", 0))
+    curve = get_opt(opts, "curve", "") or None
+    names = str(get_opt(opts, "systems", "default,rotations" + (",candidate" if curve else ""))).split(",")
     if split not in ("dev", "test") or any(name not in VARIANTS for name in names):
-        raise ValueError(f"split is dev or test and systems are among {', '.join(VARIANTS)}")
+        raise SuiteError(f"split is dev or test and systems are among {', '.join(VARIANTS)}")
+    if ("candidate" in names) != bool(curve):
+        raise SuiteError("the candidate system and --opt curve=PATH go together")
     cfg = with_passage_tokens(load_config("default"), opts, quick)
     model = load_model(cfg.model)
     test, dev = load_nq(args.data_dir)
-    items = (dev if split == "dev" else test)[:n_q]
+    items = (dev if split == "dev" else test)[start : start + n_q]
     queries, qrels = load_dl19(args.data_dir)
     queries = queries[:n_dl]
+    n_sf = int(get_opt(opts, "scifact", 0))
+    sf_depth = int(get_opt(opts, "scifact_depth", 5))
+    sf_queries: list[dict[str, Any]] = []
+    sf_qrels: dict[str, dict[str, int]] = {}
+    sf_runs: dict[str, tuple[dict, dict]] = {}
+    if n_sf:
+        from eval.scifact_stats import scifact_windows
+
+        sf_queries, sf_qrels = scifact_windows(args.data_dir, n_sf, "bm25")
     systems: dict[str, dict[str, Any]] = {}
     for name in names:
         probe = cfg.probe.model_copy(update={"first_stage_weight": 0.0, **VARIANTS[name]})
-        rr = AttentionReranker(model, probe, cfg.calibration)
+        cal = cfg.calibration
+        if name == "candidate":
+            cal = cal.model_copy(update={"curve": (str(curve),)})
+        rr = AttentionReranker(model, probe, cal)
         row: dict[str, Any] = {}
         for n in lengths:
             hits, prefills = _nq_sweep(rr, items, n)
@@ -131,7 +200,27 @@ def run(args: Namespace) -> dict[str, Any]:
             row[f"per_slot@{n}"] = [round(float(x), 4) for x in per_slot]
             row[f"prefills_per_list@{n}"] = float(prefills)
         row.update({f"dl19_{k}": v for k, v in _dl19_rotations(rr, queries, qrels).items()})
+        if sf_queries:
+            shipped = cfg.probe.model_copy(update=VARIANTS[name])
+            sf_runs[name] = _scifact(AttentionReranker(model, shipped, cal), sf_queries, sf_depth)
+            for label, r in zip(("", "_unfused"), sf_runs[name], strict=True):
+                row[f"scifact_ndcg@10{label}"] = ir_metrics(sf_qrels, r, ["ndcg@10"])["ndcg@10"]
         systems[name] = row
+    if sf_queries and "default" in sf_runs:
+        for name, pair in sf_runs.items():
+            if name == "default":
+                continue
+            for label, r, base in zip(("", "_unfused"), pair, sf_runs["default"], strict=True):
+                mean, lo, hi = paired_bootstrap_ci(
+                    per_query_metric(sf_qrels, r), per_query_metric(sf_qrels, base)
+                )
+                systems[name][f"scifact_minus_default{label}"] = mean
+                systems[name][f"scifact_minus_default{label}_ci95"] = [lo, hi]
+        bm = {
+            q["qid"]: {p.id: float(sf_depth - i) for i, p in enumerate(q["passages"][:sf_depth])}
+            for q in sf_queries
+        }
+        systems["bm25-scifact"] = {"scifact_ndcg@10": ir_metrics(sf_qrels, bm, ["ndcg@10"])["ndcg@10"]}
     bm = {}
     for n in lengths:
         per_slot = _in_list_bm25_sweep(items, n).mean(axis=0)
@@ -143,7 +232,8 @@ def run(args: Namespace) -> dict[str, Any]:
     return {
         "dataset": f"nq-open-oracle {split} ({len(items)} questions, gold over every slot of "
         f"{'/'.join(map(str, lengths))}-passage lists) and trec-dl19 BM25 top-5 ({len(queries)} queries, 5 "
-        "rotations each)",
+        "rotations each)"
+        + (f"; beir-scifact test, BM25 top-{sf_depth} of {len(sf_queries)} queries" if sf_queries else ""),
         "config": {
             "model": model.model_id,
             "dtype": model.dtype,
@@ -151,6 +241,8 @@ def run(args: Namespace) -> dict[str, Any]:
             "variants": {k: VARIANTS[k] for k in names},
             "passage_max_tokens": cfg.probe.passage_max_tokens,
             "split": split,
+            "questions": f"{start}..{start + len(items) - 1}",
+            "candidate_curve": curve,
         },
         "systems": systems,
     }

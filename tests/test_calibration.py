@@ -132,7 +132,13 @@ SHIPPED = {"curve": "smollm2-135m-raw", "curve+content-free": "smollm2-135m-naca
 
 
 @pytest.mark.parametrize(
-    "path", ["configs/default.yaml", "configs/fit-curve-raw.yaml", "configs/fit-curve-nacal.yaml"]
+    "path",
+    [
+        "configs/default.yaml",
+        "configs/fit-curve-raw.yaml",
+        "configs/fit-curve-nacal.yaml",
+        "configs/short-lists.yaml",
+    ],
 )
 def test_shipped_curves_fit_the_configs_that_use_them(smol_model, path):
     """Changing the default probe settings without refitting its curves must fail here, not for users.
@@ -503,3 +509,74 @@ def test_shipped_calibration_lists_are_the_dev_part_of_the_data(data_dir):
     shipped = load_calibration_items()
     assert shipped == dev
     assert not {it.qid for it in test} & {it.qid for it in shipped}
+
+
+def test_offsets_at_short_lengths_keep_the_curve_and_its_other_offsets():
+    from calibration.curve import equalise, equalise_lengths, evenness_objective, sweep_recall
+
+    base = equalise(_sweep_curve(_weak_first_slot_sweep(60, 0), "subtractive"), _weak_first_slot_sweep(60, 2))
+    sweeps = {n: _weak_first_slot_sweep(150, 3 + n, n=n) for n in (3, 5)}
+    curve = equalise_lengths(base, sweeps, note={"data": "synthetic"})
+    assert sorted(curve.offset) == [3, 5, 20]
+    np.testing.assert_array_equal(curve.offset[20], base.offset[20])
+    assert curve.mean is base.mean and curve.sd is base.sd
+    assert curve.meta["fit"]["offset"] == base.meta["fit"]["offset"], "the 20-slot fit's record is kept"
+    for n in (3, 5):
+        rec = curve.meta["fit"]["offsets_by_length"][str(n)]
+        assert rec["length"] == n and rec["data"] == "synthetic" and rec["questions"] == 150
+        corrected = np.array([[base._correct(row[g]) for g in range(n)] for row in sweeps[n]])
+        before = evenness_objective(sweep_recall(corrected), min(5, n))
+        after = evenness_objective(sweep_recall(corrected + curve.offsets(n)[None, None, :]), min(5, n))
+        assert after > before, n  # the weak first slot is lifted at every length
+        assert abs(curve.offsets(n).mean()) < 1e-9
+    # Lengths between fitted ones interpolate their neighbours; the curve survives a save and load.
+    assert len(curve.offsets(4)) == 4 and not np.allclose(curve.offsets(4), 0)
+
+
+@pytest.mark.slow
+def test_calibrate_extend_adds_short_list_offsets_to_the_shipped_curve(tmp_path, smol_model, capsys):
+    """``--extend CURVE --short-lengths``: the shipped curve as it is, plus offsets fitted at 3 passages."""
+    from rerank.cli import main
+    from rerank.config import load_config
+    from rerank.engines import AttentionReranker
+    from rerank.engines.attention import resolve_curve_path
+
+    stem = SHIPPED["curve+content-free"]
+    shipped = resolve_curve_path(f"{stem}.json" if smol_model.dtype == "bfloat16" else f"{stem}-fp32.json")
+    out, cache = tmp_path / "short.json", tmp_path / "passes"
+    args = ["calibrate", "--extend", str(shipped), "--out", str(out), "--short-lengths", "3"]
+    args += ["--short-questions", "3", "--short-start", "60", "--cache-dir", str(cache), "--no-progress"]
+    assert main(args) == 0
+    assert "3 passages: recall@1" in capsys.readouterr().err
+    curve, before = BiasCurve.load(out), BiasCurve.load(shipped)
+    assert sorted(curve.offset) == sorted([3, *before.offset])
+    for n in before.offset:
+        np.testing.assert_array_equal(curve.offset[n], before.offset[n])
+    assert curve.meta["fit"]["offsets_by_length"]["3"]["questions"] == 3
+    assert "questions 60..62" in curve.meta["fit"]["offsets_by_length"]["3"]["data"]
+    assert len(list(cache.glob("*.npz"))) == 3 * 3
+    cfg = load_config(out.with_suffix(".yaml"))
+    rr = AttentionReranker(smol_model, cfg.probe, cfg.calibration)
+    assert rr.curve is not None and 3 in rr.curve.offset
+    # Usage errors: --extend needs the lengths; a length below 2 is refused.
+    assert main(["calibrate", "--extend", str(shipped), "--out", str(out)]) == 2
+    assert main(["calibrate", "--extend", str(shipped), "--out", str(out), "--short-lengths", "1"]) == 2
+    assert "list lengths must be >= 2, got '1'" in capsys.readouterr().err
+
+
+def test_short_list_curve_is_the_shipped_curve_plus_short_offsets():
+    """configs/short-lists.yaml's curve must follow the shipped one: refitting the default's curve without
+    re-running its --extend command fails here."""
+    from rerank.engines.attention import resolve_curve_path
+
+    short = BiasCurve.load(resolve_curve_path("smollm2-135m-nacal-short.json"))
+    shipped = BiasCurve.load(resolve_curve_path("smollm2-135m-nacal.json"))
+    assert short.mode == shipped.mode and short.lengths == shipped.lengths
+    for n in shipped.lengths:
+        np.testing.assert_array_equal(short.mean[n], shipped.mean[n])
+        np.testing.assert_array_equal(short.sd[n], shipped.sd[n])
+    assert sorted(short.offset) == sorted({3, 5, 10, *shipped.offset})
+    for n in shipped.offset:
+        np.testing.assert_array_equal(short.offset[n], shipped.offset[n])
+    assert short.mismatches(shipped.meta) == []
+    assert sorted(short.meta["fit"]["offsets_by_length"], key=int) == ["3", "5", "10"]

@@ -139,6 +139,8 @@ def test_wheel_ships_configs_curves_and_lists_but_not_eval(wheel: Path):
         "rerank/configs/default.yaml",
         "calibration/curves/smollm2-135m-nacal.json",
         "calibration/curves/smollm2-135m-nacal-fp32.json",
+        "calibration/curves/smollm2-135m-nacal-short.json",
+        "rerank/configs/short-lists.yaml",
         "calibration/lists/nq-open-dev.json.gz",
         "calibration/lists/README.md",
         "rerank/data/demo_corpus.jsonl",

@@ -43,6 +43,24 @@ def _in_unit_range(systems: dict, metric: str) -> None:
             assert 0.0 <= s[metric] <= 1.0 and not math.isnan(s[metric]), (name, metric, s[metric])
 
 
+def test_shortlists_suite_with_a_candidate_curve_and_scifact(data_dir: Path, tmp_path: Path) -> None:
+    curve = REPO / "calibration" / "curves" / "smollm2-135m-nacal.json"  # the shipped curve as candidate
+    opts = ["questions=2", "dl19_queries=2", "scifact=3", "systems=default,candidate", f"curve={curve}"]
+    res = _run("shortlists", data_dir, tmp_path, *opts)
+    systems = res["systems"]
+    assert "beir-scifact test, BM25 top-5 of 3 queries" in res["dataset"]
+    default, cand = systems["default"], systems["candidate"]
+    for metric in ("recall@1@3", "bin_spread@5", "dl19_rotation_stable", "scifact_ndcg@10"):
+        _in_unit_range(systems, metric)
+    if res["config"]["dtype"] == "bfloat16":
+        # The same curve: the candidate must read exactly as the default does.
+        for key in ("per_slot@3", "per_slot@5", "dl19_ndcg@5", "scifact_ndcg@10", "scifact_ndcg@10_unfused"):
+            assert cand[key] == default[key], key
+        assert cand["scifact_minus_default"] == 0.0 and cand["scifact_minus_default_ci95"] == [0.0, 0.0]
+    assert 0 <= systems["bm25-scifact"]["scifact_ndcg@10"] <= 1
+    assert main(["shortlists", "--quick", "--data-dir", str(data_dir), "--opt", "systems=candidate"]) == 2
+
+
 def test_rerank_suite(data_dir: Path, tmp_path: Path) -> None:
     r = _run("rerank", data_dir, tmp_path)
     sys_ = r["systems"]

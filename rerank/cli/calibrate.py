@@ -56,6 +56,75 @@ def _write_config(path: Path, cfg: Any, curve_path: Path, base: str) -> None:
     path.write_text(header + yaml.safe_dump(doc, sort_keys=False))
 
 
+def _short_items(args: argparse.Namespace, items: list[Any]) -> list[Any]:
+    """The questions of the short-list sweeps (none without ``--short-lengths``)."""
+    if not args.short_lengths:
+        if args.extend is not None:
+            raise UsageError("--extend adds offsets at short lengths: give --short-lengths, e.g. 3,5,10")
+        return []
+    start = args.equalise_questions if args.short_start is None else args.short_start
+    if start < 0 or start + args.short_questions > len(items):
+        raise UsageError(
+            f"--short-start {start} with --short-questions {args.short_questions} needs "
+            f"{start + args.short_questions} calibration questions; there are {len(items)}"
+        )
+    return items[start : start + args.short_questions]
+
+
+def _add_short_offsets(
+    args: argparse.Namespace, curve: Any, cfg: Any, model: Any, short: list[Any], label: str | None
+) -> Any:
+    from rerank.probe.fit import fit_short_offsets
+
+    start = args.equalise_questions if args.short_start is None else args.short_start
+    return fit_short_offsets(
+        curve,
+        cfg,
+        short,
+        args.short_lengths,
+        model=model,
+        cache_dir=args.cache_dir,
+        data_label=f"{label or 'NQ-open dev lists'}, questions {start}..{start + len(short) - 1}",
+        show_progress=not args.no_progress,
+    )
+
+
+def _extend(args: argparse.Namespace, cfg: Any, model: Any, short: list[Any], label: str | None) -> int:
+    """``--extend CURVE``: the curve as it is, plus offsets fitted at ``--short-lengths``."""
+    from calibration.curve import BiasCurve
+
+    try:
+        curve = BiasCurve.load(args.extend)
+        curve = _add_short_offsets(args, curve, cfg, model, short, label)
+    except (FileNotFoundError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    out: Path = args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    curve.save(out)
+    yml = out.with_suffix(".yaml")
+    ref = str(args.config)
+    _write_config(yml, cfg, out, ref if is_config_name(ref) else str(args.config.resolve()))
+    for n, fig in sorted(curve.meta["fit"]["offsets_by_length"].items(), key=lambda kv: int(kv[0])):
+        b, a = fig["before"], fig["after"]
+        print(
+            f"{n} passages: recall@1 {b['recall@1']:.3f} -> {a['recall@1']:.3f}, "
+            f"bin spread {b['bin_spread']:.3f} -> {a['bin_spread']:.3f} (on the fitted lists)",
+            file=sys.stderr,
+        )
+    print(f"wrote {out} and {yml}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _lengths(text: str) -> list[int]:
+    try:
+        values = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected list lengths like 3,5,10, got {text!r}") from None
+    if not values or values[0] < 2:
+        raise argparse.ArgumentTypeError(f"list lengths must be >= 2, got {text!r}")
+    return values
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     """Fit, then write ``OUT`` (curve), ``OUT.png`` and ``OUT.yaml`` (a config that uses it)."""
     from calibration.lists import load_calibration_items
@@ -83,6 +152,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if band is not None and cfg.probe.head_set is None:
         cfg = cfg.model_copy(update={"probe": cfg.probe.model_copy(update={"layers": band})})
     label = None if args.data is None else f"the user's calibration lists {Path(args.data).name}"
+    short = _short_items(args, items)
+    if args.extend is not None:
+        return _extend(args, cfg, model, short, label)
     try:
         curve, report = fit_for(
             cfg,
@@ -98,6 +170,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             data_label=label,
             show_progress=not args.no_progress,
         )
+        if short:
+            curve = _add_short_offsets(args, curve, cfg, model, short, label)
     except (FileNotFoundError, ValueError) as exc:
         raise UsageError(str(exc)) from None
     out: Path = args.out
@@ -188,6 +262,32 @@ def add_parser(sub: argparse._SubParsersAction, fmt: type[argparse.HelpFormatter
         "--sweep-dtype",
         choices=("bfloat16", "float16", "float32"),
         help="the --sweep-store was made in this dtype, not the model's (it must hold every swept question)",
+    )
+    p.add_argument(
+        "--short-lengths",
+        type=_lengths,
+        metavar="N,N,...",
+        help="also fit per-slot offsets at these list lengths (e.g. 3,5,10), each on its own sweep: "
+        "the 20-slot offsets do not carry over to short lists",
+    )
+    p.add_argument(
+        "--short-questions",
+        type=positive_int,
+        default=120,
+        metavar="K",
+        help="questions in each short-list sweep (default %(default)s; K x the sum of the lengths passes)",
+    )
+    p.add_argument(
+        "--short-start",
+        type=int,
+        metavar="S",
+        help="the short sweeps take questions S..S+K-1 (default: those after the --equalise-questions)",
+    )
+    p.add_argument(
+        "--extend",
+        type=Path,
+        metavar="CURVE.json",
+        help="fit nothing else: add the --short-lengths offsets to this curve and write it to --out",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_calibrate)

@@ -183,10 +183,11 @@ def sweep_meta(reranker: Any) -> dict[str, Any]:
 
 
 def sweep_rows(
-    stats: dict[str, Any], items: Sequence[Any], settings: Any, kind: str
+    stats: dict[str, Any], items: Sequence[Any], settings: Any, kind: str, length: int = SWEEP_LENGTH
 ) -> dict[str, np.ndarray]:
-    """Each question's (slot of the gold passage, prompt slot) scores of ``kind``, from passes keyed
-    ``qid:slot``, as float32: what a sweep store keeps, so stored and fresh rows are the same numbers."""
+    """Each question's (slot of the gold passage, prompt slot) scores of ``kind`` over ``length``-passage
+    lists, from passes keyed ``qid:slot``, as float32: what a sweep store keeps, so stored and fresh rows
+    are the same numbers."""
     from rerank.probe.scoring import passage_scores
 
     kw = {"layers": settings.layers, "heads": settings.heads, "aggregation": settings.aggregation}
@@ -194,7 +195,7 @@ def sweep_rows(
         it.qid: np.array(
             [
                 passage_scores(stats[f"{it.qid}:{g}"], kind=kind, head_set=settings.head_set, **kw)
-                for g in range(SWEEP_LENGTH)
+                for g in range(length)
             ],
             dtype=np.float32,
         )
@@ -283,6 +284,71 @@ def sweep_scores(
                 dtypes[d] = c
     # float32 whether stored or fresh, so a fit does not depend on which questions came from the store
     return np.array([known[it.qid] for it in items], dtype=np.float64)
+
+
+def length_sweep(
+    reranker: Any,
+    items: Sequence[Any],
+    length: int,
+    cache_dir: Path,
+    show_progress: bool = True,
+) -> np.ndarray:
+    """Scores (questions, slot of the gold passage, prompt slot) of ``length``-passage lists: each
+    question's gold passage visits every slot among its first ``length - 1`` distractors, one prompt
+    per list, read in exactly that order (what :func:`calibration.curve.equalise` takes)."""
+    from rerank.probe.calibrators import ScoreSettings
+
+    jobs = [
+        ProbeJob(f"{it.qid}:{g}", it.question, tuple(it.with_gold_at(g, length)))
+        for it in items
+        for g in range(length)
+    ]
+    stats, _ = collect(
+        reranker.model,
+        jobs,
+        cache_dir=cache_dir,
+        max_passage_tokens=reranker.cfg.passage_max_tokens,
+        template=reranker.template,
+        last_layer=reranker.engine.layers[-1],
+        reuse_prefix=True,
+        desc=f"sweep of {length}-passage lists",
+        show_progress=show_progress,
+    )
+    settings = ScoreSettings.of(reranker.cfg)
+    rows = sweep_rows(stats, items, settings, settings.kind(reranker.calibrator.score_kind), length)
+    return np.array([rows[it.qid] for it in items], dtype=np.float64)
+
+
+def fit_short_offsets(
+    curve: BiasCurve,
+    cfg: PipelineConfig,
+    items: Sequence[Any],
+    lengths: Sequence[int],
+    *,
+    model: Any = None,
+    cache_dir: Path | None = None,
+    data_label: str = "calibration questions",
+    show_progress: bool = True,
+) -> BiasCurve:
+    """``curve`` with per-slot offsets fitted at each of ``lengths`` on its own sweep over ``items``
+    (see :func:`calibration.curve.equalise_lengths`); its mean, spread and other offsets are kept.
+
+    The curve's per-slot offsets are fitted on 20-passage lists and reach shorter lists only by
+    interpolation over relative position, which does not hold: at 3 passages the middle slot's gold
+    passage came first half as often as at the ends. Lists of other lengths interpolate between the
+    fitted ones.
+    """
+    from calibration.curve import equalise_lengths
+    from rerank.engines import AttentionReranker
+    from rerank.probe.model import default_cache_dir, load_model
+
+    model = model or load_model(cfg.model)
+    base = "content-free" if cfg.calibration.name == "curve+content-free" else "none"
+    rr = AttentionReranker(model, cfg.probe, CalibrationConfig(name=base))
+    curve.check_compatible(rr.probe_meta())
+    passes = cache_dir or default_cache_dir() / "passes"
+    sweeps = {n: length_sweep(rr, items, n, passes, show_progress) for n in lengths}
+    return equalise_lengths(curve, sweeps, note={"data": f"{data_label} ({len(items)} questions)"})
 
 
 def fit_for(
