@@ -89,6 +89,17 @@ def _add_short_offsets(
     )
 
 
+def _save(args: argparse.Namespace, cfg: Any, curve: Any) -> tuple[Path, Path]:
+    """Write the curve to ``--out`` and, beside it, a config YAML that uses it; return both paths."""
+    out: Path = args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    curve.save(out)
+    yml = out.with_suffix(".yaml")
+    ref = str(args.config)
+    _write_config(yml, cfg, out, ref if is_config_name(ref) else str(args.config.resolve()))
+    return out, yml
+
+
 def _extend(args: argparse.Namespace, cfg: Any, model: Any, short: list[Any], label: str | None) -> int:
     """``--extend CURVE``: the curve as it is, plus offsets fitted at ``--short-lengths``."""
     from calibration.curve import BiasCurve
@@ -98,12 +109,7 @@ def _extend(args: argparse.Namespace, cfg: Any, model: Any, short: list[Any], la
         curve = _add_short_offsets(args, curve, cfg, model, short, label)
     except (FileNotFoundError, ValueError) as exc:
         raise UsageError(str(exc)) from None
-    out: Path = args.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    curve.save(out)
-    yml = out.with_suffix(".yaml")
-    ref = str(args.config)
-    _write_config(yml, cfg, out, ref if is_config_name(ref) else str(args.config.resolve()))
+    out, yml = _save(args, cfg, curve)
     for n, fig in sorted(curve.meta["fit"]["offsets_by_length"].items(), key=lambda kv: int(kv[0])):
         b, a = fig["before"], fig["after"]
         print(
@@ -174,14 +180,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             curve = _add_short_offsets(args, curve, cfg, model, short, label)
     except (FileNotFoundError, ValueError) as exc:
         raise UsageError(str(exc)) from None
-    out: Path = args.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    curve.save(out)
+    out, yml = _save(args, cfg, curve)
     png = out.with_suffix(".png")
     plot_curve(curve, report.get("plot_lists", report["scored"]), png)
-    yml = out.with_suffix(".yaml")
-    ref = str(args.config)
-    _write_config(yml, cfg, out, ref if is_config_name(ref) else str(args.config.resolve()))
     recall = ", ".join(f"{k} {v:.3f}" for k, v in report["heldout_recall@1"].items())
     print(f"wrote {out}, {png} and {yml}", file=sys.stderr)
     print(f"correction: {report['mode']}; held-out gold recall@1: {recall}", file=sys.stderr)
