@@ -389,7 +389,16 @@ def test_eval_retrieval_quick(tmp_path, data_dir, dense_encoder):
     assert res["suite"] == "retrieval" and res["dataset"] == "beir-scifact"
     assert res["config"]["quick"] is True and res["config"]["n_queries"] == 10
     assert "QUICK SUBSET" in res["config"]["corpus"]
-    assert set(res["systems"]) == {"bm25-rank_bm25", "bm25-bm25s", "dense", "hybrid-rrf", "hybrid-weighted"}
+    # The dense encoder runs in its configured dtype and, in the same run, in the other one.
+    ran = res["config"]["dense"]["encoder_dtype"]
+    other = "float32" if ran == "bfloat16" else "bfloat16"
+    names = {"bm25-rank_bm25", "bm25-bm25s", "dense", f"dense-{other}", "hybrid-rrf", "hybrid-weighted"}
+    assert set(res["systems"]) == names
+    dense = res["systems"]["dense"]
+    assert dense[f"build_speedup_vs_{other}"] == pytest.approx(
+        res["systems"][f"dense-{other}"]["index_build_seconds"] / dense["index_build_seconds"], rel=0.01
+    )
+    assert abs(dense[f"ndcg@10_minus_{other}"]) < 0.05
     for name, metrics in res["systems"].items():
         for m in ("ndcg@10", "recall@100", "mrr@10"):
             assert 0.0 <= metrics[m] <= 1.0, (name, m)

@@ -369,7 +369,7 @@ def test_dl19_hybrid_first_stage_follows_the_retriever_config(data_dir: Path) ->
 
     from eval.rerank import hybrid_pool, load_dl19
     from retrievers.config import RetrieverConfig
-    from retrievers.dense import load_encoder
+    from retrievers.dense import DenseRetriever, load_encoder
 
     queries, _ = load_dl19(data_dir)
     q = queries[0]
@@ -384,11 +384,9 @@ def test_dl19_hybrid_first_stage_follows_the_retriever_config(data_dir: Path) ->
         assert h["bm25"] == [bm25_of[p.id] for p in h["passages"]]
         assert all(a >= b for a, b in zip(h["first_stage"], h["first_stage"][1:], strict=False))
     assert [p.id for p in only_bm25["passages"]] == [p.id for p in q["passages"]]
-    enc = load_encoder()
-    cos = (
-        enc.encode([p.text for p in q["passages"]], normalize_embeddings=True)
-        @ enc.encode([q["query"]], normalize_embeddings=True)[0]
-    )
+    # Encoded as the retriever encodes (its dtype: bf16 autocast where the CPU has native bf16).
+    dense = DenseRetriever(load_encoder(), encoder_name="embedded", dtype=RetrieverConfig().encoder_dtype)
+    cos = dense.encode([p.text for p in q["passages"]]) @ dense.encode([q["query"]])[0]
     expected = [q["passages"][i].id for i in np.argsort(-cos, kind="stable")]
     got = [p.id for p in only_dense["passages"]]
     # Cosines equal to float precision may swap; the ranking must agree elsewhere.
