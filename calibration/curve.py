@@ -43,6 +43,8 @@ MATCH_KEYS = (
     "aggregation",
     "score_kind",
     "template",
+    "top_m",
+    "query_rows",
 )
 
 

@@ -35,6 +35,7 @@ SUITES: dict[str, str] = {
     "batch": "eval.batch:run",
     "profile": "eval.profile:run",
     "shortlists": "eval.shortlists:run",
+    "relevance": "eval.relevance:run",
 }
 
 

@@ -37,6 +37,7 @@ questions of the split), ``lengths=3,5``, ``split=dev|test``, ``dl19_queries=N``
 from __future__ import annotations
 
 from argparse import Namespace
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -114,9 +115,12 @@ def _dl19_rotations(rr: Any, queries: list[dict[str, Any]], qrels: dict, k: int 
     }
 
 
-def _scifact(rr: Any, queries: list[dict[str, Any]], depth: int) -> tuple[dict, dict]:
+def _scifact(
+    rr: Any, queries: Iterable[dict[str, Any]], depth: int, prompts: list[int] | None = None
+) -> tuple[dict, dict]:
     """Runs ``{qid: {doc: score}}`` of ``rr`` over each query's top ``depth``: fused (as configured)
-    and unfused (by the calibrated score of the same prompts; one window, so its order is the probe's)."""
+    and unfused (by the calibrated score of the same prompts; one window, so its order is the probe's).
+    ``prompts``, if given, receives each query's count of prompts read."""
     from rerank.records import Hit
 
     fused: dict[str, dict[str, float]] = {}
@@ -127,6 +131,8 @@ def _scifact(rr: Any, queries: list[dict[str, Any]], depth: int) -> tuple[dict, 
             for i, (p, s) in enumerate(zip(q["passages"][:depth], q["first_stage"][:depth], strict=True))
         ]
         ranked = rr.rerank(q["query"], hits)
+        if prompts is not None:
+            prompts.append(int(ranked.info.get("prompts", 0)))
         fused[q["qid"]] = {it.passage.id: float(depth - i) for i, it in enumerate(ranked.items)}
         given = {h.passage.id: i for i, h in enumerate(hits)}
         by_cal = sorted(ranked.items, key=lambda it: (-it.calibrated_score, given[it.passage.id]))

@@ -94,8 +94,19 @@ class ProbeConfig(_Frozen):
             (ICR: per token, query minus N/A), ``logratio`` (per head, log query / N/A attention to
             the passage, standardised over the passages and averaged over heads) or ``ratio`` (log of
             query / N/A attention to the passage, each summed over the layers and heads read).
-        aggregation: How token scores become a passage score: ``sum``, ``mean`` or ``icr`` (drop
-            tokens below mean - 2 std, then sum, as in In-Context Reranking).
+        aggregation: How token scores become a passage score: ``sum``, ``mean``, ``icr`` (drop
+            tokens below mean - 2 std, then sum, as in In-Context Reranking) or ``topm`` (the ``top_m``
+            tokens of each passage that draw the most query attention). With ``nacal_form: ratio``,
+            ``sum`` and ``mean`` give the same scores.
+        top_m: Tokens per passage that ``aggregation: topm`` reads.
+        query_rows: Which token rows after the passages are read: ``all`` (the late instruction, the
+            query and the assistant header) or ``query`` (from the query's first token on; the late
+            instruction's rows are the same in the query and ``N/A`` prompts, so they only add a
+            share that both sides of the content-free correction hold).
+        query_position: ``after`` the passages (one copy, next to the answer), or ``both`` before and
+            after them, so the passages' tokens are encoded knowing the query. With ``both`` the
+            content-free prompt differs from the first token of the query on, so its ``N/A`` pass is a
+            second full prefill instead of a short pass over the query's tokens.
         prompt_order: ``reversed`` puts the retriever's best passage last, next to the query;
             ``retriever`` keeps the retriever's order; ``both`` probes each window in both orders (two
             prefills) and averages the two passes' standardised calibrated scores, so that each passage
@@ -111,6 +122,12 @@ class ProbeConfig(_Frozen):
             (one prefill each) instead of ``prompt_order``'s orders, so that every passage sits in every
             slot once and the list's order stops mattering; 0 = never (short lists are what RAG
             callers send, and there the per-slot curve transfers worst).
+        extra_orders: Windows of 3 or more passages are read in this many more prompt orders after
+            ``prompt_order``'s: seeded shuffles, fixed by the window's length (the same for every query),
+            one prefill each; all orders' standardised calibrated scores are averaged. 0 = none.
+        orders_early_exit: Read the extra orders only when ``prompt_order``'s orders disagree on the
+            window's top passage, and stop as soon as one more order leaves the averaged top passage
+            where it was.
         batch_prompts: Probe the prompts of one window (its two orders, or its rotations) as one batch:
             one forward over all of them instead of one each. Scores equal the one-at-a-time path up to
             the kernels' rounding. Off by default: on a 2-core CPU it is 8% slower (``python -m eval
@@ -123,13 +140,18 @@ class ProbeConfig(_Frozen):
     heads: tuple[int, ...] | None = None
     head_set: tuple[tuple[int, int], ...] | None = None
     nacal_form: Literal["difference", "logratio", "ratio"] = "difference"
-    aggregation: Literal["sum", "mean", "icr"] = "mean"
+    aggregation: Literal["sum", "mean", "icr", "topm"] = "mean"
+    top_m: int = Field(default=16, ge=1)
+    query_rows: Literal["all", "query"] = "all"
+    query_position: Literal["after", "both"] = "after"
     prompt_order: Literal["reversed", "retriever", "both"] = "reversed"
     passage_max_tokens: int = Field(default=300, ge=1)
     window_size: int = Field(default=20, ge=1)
     window_merge: Literal["zscore", "raw"] = "zscore"
     first_stage_weight: float = Field(default=0.0, ge=0.0, allow_inf_nan=False)
     rotations_up_to: int = Field(default=0, ge=0)
+    extra_orders: int = Field(default=0, ge=0, le=16)
+    orders_early_exit: bool = False
     batch_prompts: bool = False
     max_context_tokens: int | None = Field(default=None, ge=64)
 
@@ -142,6 +164,8 @@ class ProbeConfig(_Frozen):
         "first_stage_weight",
         "max_context_tokens",
         "rotations_up_to",
+        "extra_orders",
+        "top_m",
         mode="before",
     )
     @classmethod

@@ -61,6 +61,23 @@ def test_shortlists_suite_with_a_candidate_curve_and_scifact(data_dir: Path, tmp
     assert main(["shortlists", "--quick", "--data-dir", str(data_dir), "--opt", "systems=candidate"]) == 2
 
 
+def test_relevance_suite_compares_each_variant_with_its_reference(data_dir: Path, tmp_path: Path) -> None:
+    systems = "default,orders4,orders4-early,cf,cf-topm8,cf-query-rows"
+    res = _run("relevance", data_dir, tmp_path, "scifact=3", f"systems={systems}", "nq=1", "nq_length=4")
+    sys_ = res["systems"]
+    _in_unit_range(sys_, "scifact_ndcg@10")
+    _in_unit_range(sys_, "nq_dev_recall@1@4")
+    assert sys_["default"]["prompts_per_query"] == 2 and sys_["orders4"]["prompts_per_query"] == 4
+    assert 2 <= sys_["orders4-early"]["prompts_per_query"] <= 4
+    for name, ref in (("orders4", "default"), ("cf-topm8", "cf"), ("cf-query-rows", "cf")):
+        lo, hi = sys_[name][f"scifact_minus_{ref}_ci95"]
+        assert lo <= sys_[name][f"scifact_minus_{ref}"] <= hi
+    assert res["config"]["references"]["cf-topm8"] == "cf"
+    # A variant without its reference system is refused, as is an unknown one.
+    assert main(["relevance", "--quick", "--data-dir", str(data_dir), "--opt", "systems=orders3"]) == 2
+    assert main(["relevance", "--quick", "--data-dir", str(data_dir), "--opt", "systems=best"]) == 2
+
+
 def test_rerank_suite(data_dir: Path, tmp_path: Path) -> None:
     r = _run("rerank", data_dir, tmp_path)
     sys_ = r["systems"]

@@ -4,13 +4,14 @@ orders, corrected for positional bias and optionally fused with the first-stage 
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import hashlib
 import importlib.resources
 import logging
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from rerank.engines.base import (
 )
 from rerank.probe.calibrators import CALIBRATORS, ScoreSettings
 from rerank.probe.model import LoadedModel
-from rerank.probe.prompt import PromptTemplate
+from rerank.probe.prompt import EARLY_QUERY, PromptTemplate
 from rerank.probe.scoring import zscore
 from rerank.records import Passage, Query, RankedList, ScoredPassage
 
@@ -88,7 +89,7 @@ def first_stage_signal(
 
 
 def template_id(template: PromptTemplate) -> str:
-    return hashlib.sha256(repr(asdict(template)).encode()).hexdigest()[:12]
+    return hashlib.sha256(repr(template.identity()).encode()).hexdigest()[:12]
 
 
 @dataclass(frozen=True)
@@ -167,7 +168,11 @@ class AttentionReranker(BatchReranker):
         self.cal_cfg = calibration or CalibrationConfig()
         self.calibrator = CALIBRATORS.get(self.cal_cfg.name)
         self.template = template or PromptTemplate()
-        self.engine = AttentionProbe(model, layers=self.cfg.layer_range, heads=self.cfg.heads)
+        if self.cfg.query_position == "both" and self.template.early is None:
+            self.template = dataclasses.replace(self.template, early=EARLY_QUERY)
+        self.engine = AttentionProbe(
+            model, layers=self.cfg.layer_range, heads=self.cfg.heads, rows=self.cfg.query_rows
+        )
         self.curve = curve
         if self.curve is None and self.calibrator.uses_curve:
             if not self.cal_cfg.curve:
@@ -197,6 +202,9 @@ class AttentionReranker(BatchReranker):
             "aggregation": self.cfg.aggregation,
             "score_kind": ScoreSettings.of(self.cfg).kind(self.calibrator.score_kind),
             "template": template_id(self.template),
+            # Recorded only off their defaults, so curves fitted before these settings existed still match.
+            **({"top_m": self.cfg.top_m} if self.cfg.aggregation == "topm" else {}),
+            **({"query_rows": self.cfg.query_rows} if self.cfg.query_rows != "all" else {}),
         }
 
     def _probe_scores(
@@ -231,18 +239,42 @@ class AttentionReranker(BatchReranker):
         """Probe one window. Returns raw and calibrated scores and prompt slots, in candidate order.
 
         With ``prompt_order: both`` the window is probed once per order (a passage sits at slot ``i`` in
-        one prompt and ``n - 1 - i`` in the other); the calibrated score is the mean of the two passes'
+        one prompt and ``n - 1 - i`` in the other); the calibrated score is the mean of the passes'
         standardised calibrated scores, the raw score the mean of their raw scores, and the slot the one
-        in the first (``reversed``) prompt. A window of one passage is probed once.
+        in the first (``reversed``) prompt. ``extra_orders`` adds seeded shuffles to the average. A
+        window of one passage is probed once.
         """
-        orders = window_orders(len(passages), self.cfg)
-        scored = self._probe_scores(
-            query, [[passages[c] for c in prompt_slots(len(passages), order)] for order in orders]
-        )
-        raws = [to_candidate_order(raw_s, order) for order, (raw_s, _) in zip(orders, scored, strict=True)]
-        cals = [to_candidate_order(cal_s, order) for order, (_, cal_s) in zip(orders, scored, strict=True)]
-        pos = [int(x) for x in to_candidate_order(np.arange(len(passages)), orders[0])]
-        return np.mean(raws, axis=0), merge_orders(cals), pos
+        return self._read_window(query, passages)[:3]
+
+    def _read_window(
+        self, query: str, passages: Sequence[Passage]
+    ) -> tuple[np.ndarray, np.ndarray, list[int], int]:
+        """:meth:`score_window`, and how many prompts were read."""
+        n = len(passages)
+        orders = window_orders(n, self.cfg)
+        extras = sum(o.startswith("shuffle") for o in orders)
+        early = self.cfg.orders_early_exit and extras > 0
+        raws: list[np.ndarray] = []
+        cals: list[np.ndarray] = []
+
+        def read(batch: Sequence[str]) -> None:
+            scored = self._probe_scores(query, [[passages[c] for c in prompt_slots(n, o)] for o in batch])
+            for order, (raw_s, cal_s) in zip(batch, scored, strict=True):
+                raws.append(to_candidate_order(raw_s, order))
+                cals.append(to_candidate_order(cal_s, order))
+
+        read(orders[: len(orders) - extras] if early else orders)
+        if early and len({int(np.argmax(c)) for c in cals}) > 1:
+            # The base orders disagree on the top passage: read more until one leaves the average's top.
+            top = int(np.argmax(merge_orders(cals)))
+            for order in orders[len(orders) - extras :]:
+                read([order])
+                now = int(np.argmax(merge_orders(cals)))
+                if now == top:
+                    break
+                top = now
+        pos = [int(x) for x in to_candidate_order(np.arange(n), orders[0])]
+        return np.mean(raws, axis=0), merge_orders(cals), pos, len(cals)
 
     def score_in_prompt_order(self, query: str, passages: Sequence[Passage]) -> np.ndarray:
         """Calibrated scores of ``passages`` probed in exactly the given prompt order (iterative sorting)."""
@@ -275,9 +307,11 @@ class AttentionReranker(BatchReranker):
         merged = np.empty(len(ps))
         pos = [0] * len(ps)
         windows = probe_windows(len(ps), self.cfg)
+        prompts = 0
         for win in windows:
             idx = list(win)
-            r, c, p = self.score_window(q.text, [ps[i] for i in idx])
+            r, c, p, k = self._read_window(q.text, [ps[i] for i in idx])
+            prompts += k
             raw[idx], cal[idx] = r, c
             # A window of one passage has no spread to standardise by: zscore puts it at the mean (0).
             merged[idx] = zscore(c) if self.cfg.window_merge == "zscore" else c
@@ -305,7 +339,7 @@ class AttentionReranker(BatchReranker):
         )
         info = {
             "windows": len(windows),
-            "prompts": sum(len(window_orders(len(w), self.cfg)) for w in windows),
+            "prompts": prompts,
             "first_stage": fused,
             "seconds": time.perf_counter() - t0,
         }

@@ -100,36 +100,60 @@ def prompt_orders(probe: ProbeConfig) -> tuple[str, ...]:
     return ("reversed", "retriever") if probe.prompt_order == "both" else (probe.prompt_order,)
 
 
+def _shuffle(n: int, j: int) -> list[int]:
+    """The ``shuffleJ`` order of a window of ``n``: a permutation seeded by ``(j, n)`` alone."""
+    return [int(x) for x in np.random.default_rng([j, n]).permutation(n)]
+
+
 def prompt_slots(n: int, order: str) -> list[int]:
     """Prompt slot -> candidate index for a window of ``n`` candidates in retriever order (best first).
 
     ``reversed`` puts the best one last, next to the query; ``retriever`` keeps the order; ``rotateK``
-    is the ``reversed`` order shifted cyclically by ``K`` slots (the ``rotations_up_to`` reading).
+    is the ``reversed`` order shifted cyclically by ``K`` slots (the ``rotations_up_to`` reading);
+    ``shuffleJ`` a permutation seeded by ``J`` and ``n`` (the ``extra_orders`` reading).
     """
     if order.startswith("rotate") and order[6:].isdigit():
         k = int(order[6:]) % max(n, 1)
         base = list(range(n))[::-1]
         return base[k:] + base[:k]
+    if order.startswith("shuffle") and order[7:].isdigit():
+        return _shuffle(n, int(order[7:]))
     if order not in ("reversed", "retriever"):
         raise ValueError(
-            f"unknown prompt order {order!r}; a single prompt is 'reversed', 'retriever' or 'rotateK'"
+            f"unknown prompt order {order!r}; a single prompt is 'reversed', 'retriever', 'rotateK' or "
+            "'shuffleJ'"
         )
     return list(range(n))[::-1] if order == "reversed" else list(range(n))
 
 
 def window_orders(n: int, probe: ProbeConfig) -> tuple[str, ...]:
-    """The prompt orders a window of ``n`` candidates is probed in.
+    """The prompt orders a window of ``n`` candidates is probed in (with ``probe.orders_early_exit``,
+    the most it is probed in).
 
     One passage reads the same prompt in any order, so it is probed once. A window of 2 to
     ``probe.rotations_up_to`` candidates is read in all ``n`` cyclic rotations: every passage then sits
     in every slot exactly once, so whatever the slots add is the same for all of them, and a rotation
     of the input gives the same set of prompts (the same scores), at ``n`` prefills per window.
+    Otherwise ``prompt_order``'s orders, then ``probe.extra_orders`` seeded shuffles that differ from
+    every order before them (fewer where a short window has no more distinct orders).
     """
     if n < 2:
         return prompt_orders(probe)[:1]
     if n <= probe.rotations_up_to:
         return tuple(f"rotate{k}" for k in range(n))
-    return prompt_orders(probe)
+    orders = list(prompt_orders(probe))
+    if probe.extra_orders:
+        seen = {tuple(prompt_slots(n, o)) for o in orders}
+        room = min(probe.extra_orders, math.factorial(min(n, 10)) - len(seen))
+        j = 0
+        while room > 0 and j < 64 * probe.extra_orders:
+            j += 1
+            slots = tuple(_shuffle(n, j))
+            if slots not in seen:
+                seen.add(slots)
+                orders.append(f"shuffle{j}")
+                room -= 1
+    return tuple(orders)
 
 
 def to_candidate_order(in_slot_order: np.ndarray, order: str) -> np.ndarray:

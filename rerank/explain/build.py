@@ -156,12 +156,7 @@ def build_explanation(
     cfg = rr.cfg
     settings = ScoreSettings.of(cfg)
     score_kind = settings.kind(rr.calibrator.score_kind)
-    kw = {
-        "layers": settings.layers,
-        "heads": settings.heads,
-        "aggregation": settings.aggregation,
-        "head_set": settings.head_set,
-    }
+    kw = settings.kwargs()
     curve = rr.curve if rr.calibrator.uses_curve else None
     mode = curve.mode if curve is not None else "none"
     tok = rr.model.tokenizer
@@ -172,14 +167,17 @@ def build_explanation(
     prompts_facts: list[dict[str, Any]] = []
     strip: dict[str, list[dict[str, Any]]] = {}
     row_bytes = 0
-    it = iter(traces)
+    t = 0
     for w, win in enumerate(windows):
         idx = list(win)
-        for order in window_orders(len(idx), cfg):
-            tr = next(it, None)
+        for k, order in enumerate(window_orders(len(idx), cfg)):
+            tr = traces[t] if t < len(traces) else None
             cand_of_slot = [idx[c] for c in prompt_slots(len(idx), order)]
             if tr is None or [p.id for p in tr.passages] != [ps[c].id for c in cand_of_slot]:
+                if cfg.orders_early_exit and order.startswith("shuffle") and k > 0:
+                    break  # the reranker stopped reading this window's extra orders early
                 raise RuntimeError("the probed prompts do not match the reranker's windows; cannot explain")
+            t += 1
             out, stats = tr.output, tr.stats
             prompt = out.prompt
             row_bytes += out.query_tok.nbytes + (out.na_tok.nbytes if out.na_tok is not None else 0)
@@ -237,7 +235,7 @@ def build_explanation(
                         "calibrated": float(tr.calibrated[slot]),
                     }
                 )
-    if next(it, None) is not None:
+    if t < len(traces):
         raise RuntimeError("the reranker probed more prompts than its windows explain")
 
     # Which passages the configured policy hands to the generator, and in what order. An iterative

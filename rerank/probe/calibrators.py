@@ -28,11 +28,24 @@ class ScoreSettings:
     aggregation: str
     head_set: tuple[tuple[int, int], ...] | None = None
     nacal_form: str = "difference"
+    top_m: int = 16
 
     @classmethod
     def of(cls, probe: Any) -> ScoreSettings:
         """The scoring part of a :class:`rerank.config.ProbeConfig`."""
-        return cls(probe.layers, probe.heads, probe.aggregation, probe.head_set, probe.nacal_form)
+        return cls(
+            probe.layers, probe.heads, probe.aggregation, probe.head_set, probe.nacal_form, probe.top_m
+        )
+
+    def kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`rerank.probe.scoring.passage_scores` for these settings."""
+        return {
+            "layers": self.layers,
+            "heads": self.heads,
+            "aggregation": self.aggregation,
+            "head_set": self.head_set,
+            "top_m": self.top_m,
+        }
 
     def kind(self, score_kind: str) -> str:
         """``nacal`` calibrators use the configured N/A form."""
@@ -62,12 +75,7 @@ class _Calibrator:
         self, stats: PassageStats, positions: Sequence[int], settings: ScoreSettings, curve: BiasCurve | None
     ) -> tuple[np.ndarray, np.ndarray]:
         """Return ``(raw, calibrated)`` scores in prompt order."""
-        kw = {
-            "layers": settings.layers,
-            "heads": settings.heads,
-            "aggregation": settings.aggregation,
-            "head_set": settings.head_set,
-        }
+        kw = settings.kwargs()
         raw = passage_scores(stats, kind="raw", **kw)
         score = raw if self.score_kind == "raw" else passage_scores(stats, kind=settings.kind("nacal"), **kw)
         if self.uses_curve:

@@ -169,9 +169,22 @@ def _is_sliding(cache: Any) -> bool:
     return any("Sliding" in type(layer).__name__ for layer in getattr(cache, "layers", []))
 
 
-def _check_na_prefix(prompt: ProbePrompt, na_prompt: ProbePrompt) -> None:
-    if tuple(na_prompt.input_ids[: na_prompt.prefix_len]) != tuple(prompt.input_ids[: prompt.prefix_len]):
-        raise RuntimeError("N/A prompt does not share the query prompt's prefix tokens")
+def _shares_prefix(prompt: ProbePrompt, na_prompt: ProbePrompt) -> bool:
+    """Whether the ``N/A`` twin holds the query prompt's prefix (so its pass can reuse that KV cache)."""
+    return na_prompt.prefix_len == prompt.prefix_len and tuple(
+        na_prompt.input_ids[: na_prompt.prefix_len]
+    ) == tuple(prompt.input_ids[: prompt.prefix_len])
+
+
+def _align_tokens(na_tok: np.ndarray, na_prompt: ProbePrompt, prompt: ProbePrompt) -> np.ndarray:
+    """The ``N/A`` pass's token scores moved onto the query prompt's token positions (its passages sit
+    elsewhere when the query also precedes them); tokens outside the passages get 0."""
+    out = np.zeros((na_tok.shape[0], prompt.prefix_len), dtype=na_tok.dtype)
+    for (s, e), (ns, ne) in zip(prompt.spans, na_prompt.spans, strict=True):
+        if e - s != ne - ns:
+            raise RuntimeError("a passage tokenises differently in the N/A prompt; cannot align its scores")
+        out[:, s:e] = na_tok[:, ns:ne]
+    return out
 
 
 def check_supported(model: Any) -> None:
@@ -220,6 +233,11 @@ class AttentionProbe:
         early_exit: Stop the forward pass after the last probed layer.
         reuse_prefix: Keep the prefix's KV cache between prompts and forward only what differs from
             the previous prompt's prefix (not for sliding-window caches, which cannot be cropped back).
+        rows: ``all`` reads every token row after the passages (late instruction, query, assistant
+            header); ``query`` reads the rows from the query's first token on.
+        memo: A dict that keeps each prompt's output by its tokens and the layers and heads read, so a
+            prompt probed again (one evaluation comparing settings that share prompts, several probes
+            sharing the dict) is answered without a forward pass. None = nothing kept.
     """
 
     def __init__(
@@ -230,6 +248,8 @@ class AttentionProbe:
         heads: Sequence[int] | None = None,
         early_exit: bool = True,
         reuse_prefix: bool = False,
+        rows: str = "all",
+        memo: dict[Any, ProbeOutput] | None = None,
     ) -> None:
         check_supported(model.model)
         self.m = model
@@ -245,6 +265,10 @@ class AttentionProbe:
         self.heads = tuple(heads) if heads is not None else None
         self.early_exit = early_exit
         self.reuse_prefix = reuse_prefix
+        if rows not in ("all", "query"):
+            raise ValueError(f"rows is 'all' or 'query', got {rows!r}")
+        self.rows = rows
+        self.memo = memo
         self._kept: tuple[tuple[int, ...], Any] | None = None  # (prefix ids, their KV cache)
         self.reused_tokens = 0  # prefix tokens taken from the kept cache, over this probe's life
         if model.model.config._attn_implementation != ATTN_NAME:
@@ -281,6 +305,11 @@ class AttentionProbe:
             _ACTIVE.reset(token)
         return cap.out
 
+    def _read_rows(self, prompt: ProbePrompt) -> int:
+        """How many trailing rows of ``prompt`` are read."""
+        first = prompt.query_start if self.rows == "query" and prompt.query_start >= 0 else prompt.prefix_len
+        return prompt.num_tokens - first
+
     def _check_fits(self, prompt: ProbePrompt) -> None:
         if prompt.num_tokens > self.max_tokens:
             raise ValueError(
@@ -290,6 +319,23 @@ class AttentionProbe:
 
     def run_prompt(self, prompt: ProbePrompt, na_prompt: ProbePrompt | None = None) -> ProbeOutput:
         """Probe one tokenised prompt (and optionally its ``N/A`` twin, reusing the prefix's KV cache)."""
+        if self.memo is None:
+            return self._run_prompt(prompt, na_prompt)
+        key = (
+            prompt.input_ids,
+            prompt.prefix_len,
+            prompt.spans,
+            None if na_prompt is None else na_prompt.input_ids,
+            self.layers,
+            self.heads,
+            self.rows,
+            id(self.m.model),
+        )
+        if key not in self.memo:
+            self.memo[key] = self._run_prompt(prompt, na_prompt)
+        return self.memo[key]
+
+    def _run_prompt(self, prompt: ProbePrompt, na_prompt: ProbePrompt | None) -> ProbeOutput:
         from transformers import DynamicCache
 
         self._check_fits(prompt)
@@ -303,24 +349,33 @@ class AttentionProbe:
         # query go through in one call, capturing only the query rows (a second call's fixed cost is a
         # noticeable share of a short prompt's prefill).
         sliding = _is_sliding(cache)
+        shared = na_prompt is not None and _shares_prefix(prompt, na_prompt)
         spare = None
-        if na_prompt is not None and sliding:
+        if shared and sliding:
             self._forward([prefix[start:]], cache, capture=False)
             spare = copy.deepcopy(cache)
             start = p
-        q_rows = self._forward([prompt.input_ids[start:]], cache, capture=True, rows=prompt.num_tokens - p)
+        q_rows = self._forward([prompt.input_ids[start:]], cache, capture=True, rows=self._read_rows(prompt))
         na_rows = None
-        if na_prompt is not None:
-            _check_na_prefix(prompt, na_prompt)
+        if na_prompt is not None and shared:
             if spare is not None:
                 cache = spare
             else:
                 _crop_to(cache, p)
-            na_rows = self._forward([na_prompt.input_ids[p:]], cache, capture=True)
+            na_rows = self._forward(
+                [na_prompt.input_ids[p:]], cache, capture=True, rows=self._read_rows(na_prompt)
+            )
         if self.reuse_prefix and not sliding:
             _crop_to(cache, p)
             self._kept = (prefix, cache)
-        return self._collect(prompt, q_rows, na_rows, 0)
+        if na_prompt is not None and not shared:
+            # The twin differs before the passages end (the query is also placed before them): a full pass.
+            self._check_fits(na_prompt)
+            fresh = DynamicCache(config=self.m.model.config)
+            na_rows = self._forward(
+                [na_prompt.input_ids], fresh, capture=True, rows=self._read_rows(na_prompt)
+            )
+        return self._collect(prompt, q_rows, na_rows, 0, na_prompt)
 
     def run_prompts(
         self, prompts: Sequence[ProbePrompt], na_prompts: Sequence[ProbePrompt] | None = None
@@ -343,8 +398,18 @@ class AttentionProbe:
             first is not None
             and len(prompts) > 1
             and not self.reuse_prefix
-            and all((q.num_tokens, q.prefix_len) == (first.num_tokens, first.prefix_len) for q in prompts)
-            and (na_list is None or len({n.num_tokens for n in na_list}) == 1)
+            and all(
+                (q.num_tokens, q.prefix_len, q.query_start)
+                == (first.num_tokens, first.prefix_len, first.query_start)
+                for q in prompts
+            )
+            and (
+                na_list is None
+                or (
+                    len({(n.num_tokens, n.query_start) for n in na_list}) == 1
+                    and all(_shares_prefix(q, n) for q, n in zip(prompts, na_list, strict=True))
+                )
+            )
         )
         cache = DynamicCache(config=self.m.model.config) if batchable else None
         if not batchable or _is_sliding(cache):
@@ -353,14 +418,19 @@ class AttentionProbe:
         assert first is not None
         self._check_fits(first)
         p = first.prefix_len
-        q_rows = self._forward([q.input_ids for q in prompts], cache, capture=True, rows=first.num_tokens - p)
+        q_rows = self._forward(
+            [q.input_ids for q in prompts], cache, capture=True, rows=self._read_rows(first)
+        )
         na_rows = None
         if na_list is not None:
-            for q, n in zip(prompts, na_list, strict=True):
-                _check_na_prefix(q, n)
             _crop_to(cache, p)
-            na_rows = self._forward([n.input_ids[p:] for n in na_list], cache, capture=True)
-        return [self._collect(q, q_rows, na_rows, b) for b, q in enumerate(prompts)]
+            na_rows = self._forward(
+                [n.input_ids[p:] for n in na_list], cache, capture=True, rows=self._read_rows(na_list[0])
+            )
+        return [
+            self._collect(q, q_rows, na_rows, b, na_list[b] if na_list is not None else None)
+            for b, q in enumerate(prompts)
+        ]
 
     def _take_kept(self, prefix: tuple[int, ...]) -> tuple[Any, int]:
         """The kept cache cropped to its common token prefix with ``prefix``, and that length."""
@@ -385,22 +455,24 @@ class AttentionProbe:
         q_rows: dict[int, torch.Tensor],
         na_rows: dict[int, torch.Tensor] | None,
         b: int,
+        na_prompt: ProbePrompt | None = None,
     ) -> ProbeOutput:
-        p = prompt.prefix_len
-
-        def stack(rows: dict[int, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
-            per_head = torch.stack([rows[layer][b, :, :p] for layer in self.layers])  # (L, H, p)
+        def stack(rows: dict[int, torch.Tensor], pr: ProbePrompt) -> tuple[np.ndarray, np.ndarray]:
+            per_head = torch.stack([rows[layer][b, :, : pr.prefix_len] for layer in self.layers])  # (L, H, p)
             sel = per_head if self.heads is None else per_head[:, list(self.heads)]
             tok = sel.sum(dim=1).cpu().numpy()
             head = np.stack(
-                [per_head[:, :, s:e].sum(dim=-1).cpu().numpy() for s, e in prompt.spans], axis=-1
+                [per_head[:, :, s:e].sum(dim=-1).cpu().numpy() for s, e in pr.spans], axis=-1
             )  # (L, H, P)
             return tok, head
 
-        q_tok, q_head = stack(q_rows)
+        q_tok, q_head = stack(q_rows, prompt)
         na_tok = na_head = None
         if na_rows is not None:
-            na_tok, na_head = stack(na_rows)
+            assert na_prompt is not None
+            na_tok, na_head = stack(na_rows, na_prompt)
+            if na_prompt.spans != prompt.spans:
+                na_tok = _align_tokens(na_tok, na_prompt, prompt)
         return ProbeOutput(self.layers, q_tok, na_tok, q_head, na_head, prompt.spans, prompt)
 
     def probe(

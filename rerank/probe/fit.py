@@ -54,11 +54,15 @@ class ProbeJob:
     passages: tuple[Passage, ...]
 
 
-def _digest(model: LoadedModel, job: ProbeJob, max_tokens: int, template: PromptTemplate, last: int) -> str:
+def _digest(
+    model: LoadedModel, job: ProbeJob, max_tokens: int, template: PromptTemplate, last: int, rows: str = "all"
+) -> str:
     h = hashlib.sha256()
     h.update(f"{model.weights_hash}|{model.dtype}|{max_tokens}|{template!r}|{job.query}".encode())
     if last != model.num_layers - 1:
         h.update(f"|last{last}".encode())
+    if rows != "all":
+        h.update(f"|rows-{rows}".encode())
     for p in job.passages:
         h.update(f"|{p.id}|{p.title}|{p.text}".encode())
     return h.hexdigest()[:20]
@@ -74,6 +78,7 @@ def collect(
     keep_tokens: bool = False,
     last_layer: int | None = None,
     reuse_prefix: bool = False,
+    rows: str = "all",
     desc: str = "probe",
     show_progress: bool = True,
     cached: list[str] | None = None,
@@ -85,6 +90,7 @@ def collect(
     the seconds measured when they were
     computed. ``reuse_prefix`` keeps the KV cache of the previous prompt's common token prefix (see
     :class:`rerank.probe.AttentionProbe`): order ``jobs`` so that consecutive prompts share long prefixes.
+    ``rows``: which token rows after the passages are read (``probe.query_rows``).
     """
     from tqdm.auto import tqdm
 
@@ -92,14 +98,14 @@ def collect(
 
     template = template or PromptTemplate()
     last = model.num_layers - 1 if last_layer is None else last_layer
-    probe = AttentionProbe(model, layers=(0, last), early_exit=True, reuse_prefix=reuse_prefix)
+    probe = AttentionProbe(model, layers=(0, last), early_exit=True, reuse_prefix=reuse_prefix, rows=rows)
     cache_dir.mkdir(parents=True, exist_ok=True)
     stats: dict[str, PassageStats] = {}
     seconds: dict[str, float] = {}
     for job in tqdm(jobs, desc=desc, unit="prompt", disable=not show_progress):
-        f = cache_dir / f"{_digest(model, job, max_passage_tokens, template, last)}.npz"
-        if f.is_file():
-            z = np.load(f)
+        f = cache_dir / f"{_digest(model, job, max_passage_tokens, template, last, rows)}.npz"
+        z = np.load(f) if f.is_file() else None
+        if z is not None and (not keep_tokens or "query_tok" in z):
             meta = json.loads(str(z["meta"]))
             stats[job.key] = PassageStats(
                 layers=tuple(meta["layers"]),
@@ -167,9 +173,8 @@ def score_lists(
             template=reranker.template,
         )
         st = stats_of(o)
-        kw = {"layers": settings.layers, "heads": settings.heads, "aggregation": settings.aggregation}
         kind = settings.kind(reranker.calibrator.score_kind)
-        out.append((passage_scores(st, kind=kind, head_set=settings.head_set, **kw), gold))
+        out.append((passage_scores(st, kind=kind, **settings.kwargs()), gold))
     return out
 
 
@@ -190,11 +195,10 @@ def sweep_rows(
     are the same numbers."""
     from rerank.probe.scoring import passage_scores
 
-    kw = {"layers": settings.layers, "heads": settings.heads, "aggregation": settings.aggregation}
     return {
         it.qid: np.array(
             [
-                passage_scores(stats[f"{it.qid}:{g}"], kind=kind, head_set=settings.head_set, **kw)
+                passage_scores(stats[f"{it.qid}:{g}"], kind=kind, **settings.kwargs())
                 for g in range(length)
             ],
             dtype=np.float32,
@@ -266,6 +270,8 @@ def sweep_scores(
             template=reranker.template,
             last_layer=reranker.engine.layers[-1],
             reuse_prefix=True,
+            rows=reranker.engine.rows,
+            keep_tokens=reranker.cfg.aggregation in ("topm", "icr"),
             desc=desc,
         )
         settings = ScoreSettings.of(cfg)
@@ -311,6 +317,8 @@ def length_sweep(
         template=reranker.template,
         last_layer=reranker.engine.layers[-1],
         reuse_prefix=True,
+        rows=reranker.engine.rows,
+        keep_tokens=reranker.cfg.aggregation in ("topm", "icr"),
         desc=f"sweep of {length}-passage lists",
         show_progress=show_progress,
     )

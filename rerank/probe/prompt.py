@@ -8,22 +8,42 @@ passage's block is every token that overlaps its characters.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from rerank.records import Passage
 
 NA_QUERY = "N/A"
+# The query's copy before the passages (``probe.query_position: both``).
+EARLY_QUERY = "Query: {query}\n\n"
 
 
 @dataclass(frozen=True)
 class PromptTemplate:
-    """Wording of the prompt. ``{query}`` is filled in ``late``."""
+    """Wording of the prompt. ``{query}`` is filled in ``late``, and in ``early`` when it is set: the
+    query placed before the passages as well (``probe.query_position: both``)."""
 
     head: str = "Here are some numbered passages.\n\n"
     passage: str = "[{n}] {body}\n\n"
     late: str = "Find the passages above that are relevant to the following query.\n\nQuery: {query}"
     system: str | None = None
+    # Left out of the repr (and so of cache keys and template ids) while unset: templates without it
+    # keep the identity they had before it existed.
+    early: str | None = field(default=None, repr=False)
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that identify this wording (``early`` only when it is set)."""
+        d = asdict(self)
+        if self.early is None:
+            del d["early"]
+        return d
+
+    def __repr__(self) -> str:
+        extra = "" if self.early is None else f", early={self.early!r}"
+        return (
+            f"PromptTemplate(head={self.head!r}, passage={self.passage!r}, late={self.late!r}, "
+            f"system={self.system!r}{extra})"
+        )
 
     def body(self, passage: Passage, text: str) -> str:
         return f"{passage.title}: {text}" if passage.title else text
@@ -40,6 +60,8 @@ class ProbePrompt:
             content-free (``N/A``) pass can reuse from the KV cache.
         text: The prompt text (for inspection and for the generator).
         truncated: Per passage, whether it was cut to the token budget.
+        query_start: The first token of the late query text (the late instruction lies between
+            ``prefix_len`` and it).
     """
 
     input_ids: tuple[int, ...]
@@ -47,6 +69,7 @@ class ProbePrompt:
     prefix_len: int
     text: str
     truncated: tuple[bool, ...]
+    query_start: int = -1
 
     @property
     def num_tokens(self) -> int:
@@ -110,9 +133,11 @@ def build_prompt(
     if not passages:
         raise ValueError("build_prompt needs at least one passage")
     pieces = [template.head]
+    if template.early is not None:
+        pieces.append(template.early.format(query=query))
     char_spans = []
     truncated = []
-    pos = len(template.head)
+    pos = sum(len(x) for x in pieces)
     for n, p in enumerate(passages, start=1):
         text, cut = truncate_text(tokenizer, p.text, max_passage_tokens)
         truncated.append(cut)
@@ -123,7 +148,10 @@ def build_prompt(
         pieces.append(block)
         pos += len(block)
     late_start = pos
-    pieces.append(template.late.format(query=query))
+    late = template.late.format(query=query)
+    cut = template.late.find("{query}")
+    query_char = late_start + (len(template.late[:cut].format()) if cut >= 0 else len(late))
+    pieces.append(late)
     content = "".join(pieces)
     text, offset = _chat_wrap(tokenizer, content, template.system)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -141,4 +169,7 @@ def build_prompt(
     # A token straddling the boundary belongs to the query side; the passages must end before it.
     if spans[-1][1] > prefix_len:
         raise ValueError("last passage overlaps the query section; add a separator to the template")
-    return ProbePrompt(tuple(ids), tuple(spans), prefix_len, text, tuple(truncated))
+    # A token that straddles the query's first character counts as the query's.
+    query_start = next((i for i, (_, b) in enumerate(offsets) if b > query_char + offset), len(ids))
+    query_start = max(query_start, prefix_len)
+    return ProbePrompt(tuple(ids), tuple(spans), prefix_len, text, tuple(truncated), query_start)

@@ -60,6 +60,7 @@ def passage_scores(
     heads: Sequence[int] | None = None,
     aggregation: str = "mean",
     head_set: Sequence[tuple[int, int]] | None = None,
+    top_m: int = 16,
 ) -> np.ndarray:
     """Score each passage (prompt order).
 
@@ -74,12 +75,21 @@ def passage_scores(
         heads: Heads to sum; None = all.
         head_set: Explicit ``(layer, head)`` pairs; overrides ``layers`` and ``heads``.
         aggregation: ``sum`` over the block's tokens, ``mean`` per token (long passages are not favoured),
-            or ``icr``: drop tokens scoring below mean - 2 std over all passage tokens, then sum.
+            ``icr``: drop tokens scoring below mean - 2 std over all passage tokens, then sum, or ``topm``:
+            only the ``top_m`` tokens of each block that draw the most query attention (every passage is
+            read through the same number of tokens, whatever its length). ``ratio`` scores are the same
+            for ``sum`` and ``mean`` (the block's length divides both sides of the ratio); ``topm``
+            takes the ratio over the chosen tokens.
+        top_m: Tokens per passage that ``topm`` keeps.
     """
     if kind not in SCORE_KINDS:
         raise ValueError(f"unknown score kind '{kind}'; choose one of: {', '.join(SCORE_KINDS)}")
     if kind != "raw" and stats.na is None:
         raise ValueError("N/A-calibrated scores need the content-free pass (probe with content_free=True)")
+    if aggregation == "topm":
+        if head_set is not None or kind == "logratio":
+            raise ValueError("the topm aggregation reads token scores: not with head_set or logratio scores")
+        return _top_m_scores(stats, kind, _layer_index(stats, layers), top_m)
     if head_set is not None:
         return _head_set_scores(stats, kind, head_set)
     li = _layer_index(stats, layers)
@@ -138,6 +148,24 @@ def _icr_scores(stats: PassageStats, kind: str, li: list[int]) -> np.ndarray:
     body = np.concatenate([tok[s:e] for s, e in stats.spans])
     cut = body.mean() - 2 * body.std()
     return np.array([float(np.where(tok[s:e] >= cut, tok[s:e], 0.0).sum()) for s, e in stats.spans])
+
+
+def _top_m_scores(stats: PassageStats, kind: str, li: list[int], m: int) -> np.ndarray:
+    # Token scores are the probe's: summed over the heads it reads (AttentionProbe's heads).
+    if stats.query_tok is None or stats.spans is None or (kind != "raw" and stats.na_tok is None):
+        raise ValueError("the topm aggregation needs token-level scores from the probe")
+    q = stats.query_tok[li].sum(axis=0).astype(np.float64)
+    na = stats.na_tok[li].sum(axis=0).astype(np.float64) if kind != "raw" else None
+    out = []
+    for s, e in stats.spans:
+        keep = s + np.argsort(-q[s:e], kind="stable")[: max(m, 1)]
+        if kind == "raw":
+            out.append(q[keep].mean())
+        elif kind == "nacal":
+            out.append((q[keep] - na[keep]).mean())
+        else:  # ratio
+            out.append(float(_log_ratio(q[keep].sum(), na[keep].sum())))
+    return np.array(out, dtype=np.float64)
 
 
 def zscore(x: np.ndarray) -> np.ndarray:
