@@ -13,10 +13,14 @@ per-query nDCG@10 difference and its 95% paired-bootstrap interval (``minus_<ref
   refit (``cf-topm8``, ``cf-topm32``: top-m token pooling; ``cf-query-rows``: only the rows from the
   query's first token on; ``cf-query-both``: the query before the passages as well), against ``cf``:
   the default's reading with the content-free correction alone (no curve). A screen that does not beat
-  ``cf`` gives no reason to fit a curve for it.
+  ``cf`` gives no reason to fit a curve for it. The ``-reversed`` screens read one prompt order (the
+  default's first) against ``cf-reversed``: with the query before the passages too, each ``N/A`` pass is
+  a full prefill, so two orders would cost four prefills, over the issue's 2x bound.
+
+Each finished system's row is also written to ``<output>.partial`` as the run goes.
 
 Prompts the systems share are probed once (:class:`rerank.probe.capture.AttentionProbe`'s ``memo``); each
-system reports how many prompts it reads per query (``prompts_per_query``; with ``cf-query-both`` every
+system reports how many prompts it reads per query (``prompts_per_query``; with the query before the passages every
 ``N/A`` pass is a full prefill, reported as ``full_prefills_per_query``).
 
 ``nq=N`` (default 0) also runs the NQ-open dev position sweep (gold passage over every slot of
