@@ -20,8 +20,8 @@ per-query nDCG@10 difference and its 95% paired-bootstrap interval (``minus_<ref
 Each finished system's row is also written to ``<output>.partial`` as the run goes.
 
 Prompts the systems share are probed once (:class:`rerank.probe.capture.AttentionProbe`'s ``memo``); each
-system reports how many prompts it reads per query (``prompts_per_query``; with the query before the passages every
-``N/A`` pass is a full prefill, reported as ``full_prefills_per_query``).
+system reports how many prompts it reads per query (``prompts_per_query``; with the query before the
+passages every ``N/A`` pass is a full prefill, reported as ``full_prefills_per_query``).
 
 ``nq=N`` (default 0) also runs the NQ-open dev position sweep (gold passage over every slot of
 ``nq_length``-passage lists, questions ``nq_start``.. of the shipped dev lists, probe alone): gold
