@@ -335,7 +335,12 @@ class DenseRetriever(BaseRetriever):
             order = np.lexsort((self._id_rank[row_i], -row_s))
             out.append(
                 [
-                    Hit(passage=self._passages[row_i[j]], score=float(row_s[j]), rank=r)
+                    Hit(
+                        passage=self._passages[row_i[j]],
+                        score=float(row_s[j]),
+                        rank=r,
+                        signals={"dense": float(row_s[j])},
+                    )
                     for r, j in enumerate(order, 1)
                 ]
             )

@@ -191,7 +191,11 @@ class HybridRetriever:
         else:
             fused = weighted_fuse(lists, weights=self.weights)
         by_id = {h.passage.id: h.passage for hits in lists for h in hits}
-        return [Hit(passage=by_id[pid], score=s, rank=r) for r, (pid, s) in enumerate(fused[:k], 1)]
+        cosine = {h.passage.id: h.score for h in dense_hits}
+        return [
+            Hit(passage=by_id[pid], score=s, rank=r, signals={"dense": cosine[pid]} if pid in cosine else {})
+            for r, (pid, s) in enumerate(fused[:k], 1)
+        ]
 
     def search(self, query: str, k: int = 10) -> list[Hit]:
         """Return the ``k`` best fused passages for ``query``."""

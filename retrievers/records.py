@@ -36,3 +36,6 @@ class Hit(BaseModel):
     passage: Passage
     score: float
     rank: int = Field(ge=1)
+    #: The components behind a fused score (``dense``: the encoder's cosine), so a reranker can reuse
+    #: them instead of computing them again.
+    signals: dict[str, float] = Field(default_factory=dict)
