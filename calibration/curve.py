@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from calibration.fusion import FusionWeights
+
 CURVE_FORMAT_VERSION = 2
 # Versions this one reads: 1 had no per-slot offsets.
 READABLE_VERSIONS = (1, 2)
@@ -103,6 +105,8 @@ class BiasCurve:
         offset: Per length, per-slot offsets added after the correction (see :func:`equalise`); empty
             for none. Lengths without one interpolate over relative position from those with one.
         meta: The model and probe configuration it belongs to, and the fitting data.
+        fusion: The fitted weight of the probe and of each cheap signal for this model (see
+            :mod:`calibration.fusion`); None for a curve fitted before weights were.
     """
 
     mode: str
@@ -113,6 +117,7 @@ class BiasCurve:
     upper: dict[int, np.ndarray] = field(default_factory=dict)
     offset: dict[int, np.ndarray] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    fusion: FusionWeights | None = None
 
     def _interp(self, table: dict[int, np.ndarray], n: int) -> np.ndarray:
         if n in table:
@@ -205,6 +210,7 @@ class BiasCurve:
             "upper": tab(self.upper),
             "offset": tab(self.offset),
             "meta": self.meta,
+            **({"fusion": self.fusion.to_json()} if self.fusion is not None else {}),
         }
 
     def save(self, path: str | Path) -> None:
@@ -255,6 +261,7 @@ class BiasCurve:
             upper=tables["upper"],
             offset=tables["offset"],
             meta=meta,
+            fusion=FusionWeights.from_json(d["fusion"], f"{path}: fusion") if "fusion" in d else None,
         )
 
 

@@ -164,3 +164,99 @@ def load_calibration_items(path: str | Path | None = None) -> list[CalibrationIt
         return _read_shipped(p)
     with p.open(encoding="utf-8") as f:
         return parse_user_items(f, str(p))
+
+
+@dataclass(frozen=True)
+class FusionList:
+    """One list for fitting fusion weights: candidates in the order a reranker is given them.
+
+    Attributes:
+        qid / question: The question.
+        passages: The candidates, first-stage order (hard lists: the gold passage at a random slot).
+        labels: 1 for a relevant candidate (the gold passage, or one holding an answer string), else 0.
+        first_stage: The retriever's scores (retrieved lists), or None (hard lists carry none).
+        source: ``hard`` or ``retrieved``.
+    """
+
+    qid: str
+    question: str
+    passages: tuple[Passage, ...]
+    labels: tuple[int, ...]
+    first_stage: tuple[float, ...] | None
+    source: str
+
+
+def _normalise_answer(text: str) -> str:
+    import re
+    import string
+
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def has_answer(text: str, answers: Sequence[str]) -> bool:
+    """Whether ``text`` holds one of ``answers`` (lower case, no punctuation or articles, whole words)."""
+    norm = f" {_normalise_answer(text)} "
+    return any(a and f" {a} " in norm for a in map(_normalise_answer, answers))
+
+
+def fusion_lists(
+    items: Sequence[CalibrationItem],
+    n_hard: int = 60,
+    n_retrieved: int = 60,
+    *,
+    length: int = 20,
+    seed: int = 17,
+    retriever: Any = None,
+    show_progress: bool = False,
+) -> list[FusionList]:
+    """Labelled lists for fitting fusion weights, of two kinds that pull different ways:
+
+    * ``hard``: a question's gold passage at a seeded random slot among its BM25-hard distractors, no
+      first-stage scores (the setting of a caller who sends plain strings). Lexical overlap is what
+      chose the distractors, so BM25 alone is weak here by construction.
+    * ``retrieved``: the top ``length`` of a hybrid (BM25 + dense, RRF) retrieval over every passage of
+      the items, with the fused scores as first-stage scores, labelled by gold passage or answer string
+      (the setting of the package's own pipeline). Questions whose list has no relevant, or no
+      non-relevant, candidate are skipped.
+
+    Hard lists take the last ``n_hard`` items, retrieved lists the items before them, so the two never
+    share a question; the curve's fit takes items from the front.
+    """
+    import random
+
+    rng = random.Random(seed)
+    out: list[FusionList] = []
+    hard_items = list(items[len(items) - n_hard :]) if n_hard else []
+    for it in hard_items:
+        pos = rng.randrange(length)
+        ps = it.with_gold_at(pos, length)
+        labels = tuple(int(p.id == it.gold.id) for p in ps)
+        out.append(FusionList(it.qid, it.question, tuple(ps), labels, None, "hard"))
+    if not n_retrieved:
+        return out
+    pool: dict[str, Passage] = {}
+    for it in items:
+        for p in (it.gold, *it.distractors):
+            pool.setdefault(p.id, p)
+    if retriever is None:
+        from retrievers.hybrid import HybridRetriever
+
+        retriever = HybridRetriever()
+        retriever.index(list(pool.values()), show_progress=show_progress)
+    rest = list(items[: len(items) - n_hard])
+    found = 0
+    for it in reversed(rest):
+        if found >= n_retrieved:
+            break
+        hits = retriever.search(it.question, length)
+        labels = tuple(
+            int(h.passage.id == it.gold.id or has_answer(h.passage.text, it.answers)) for h in hits
+        )
+        if len(hits) < 2 or not any(labels) or all(labels):
+            continue
+        ps = tuple(h.passage for h in hits)
+        out.append(FusionList(it.qid, it.question, ps, labels, tuple(h.score for h in hits), "retrieved"))
+        found += 1
+    return out

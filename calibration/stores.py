@@ -67,7 +67,6 @@ def save_lists_store(
 ) -> None:
     """Write the fitting lists' scores (NaN-padded to the longest list) with what identifies the lists."""
 
-
     width = max(len(s) for s, _ in scored)
     pad = np.full((len(scored), width), np.nan, dtype=np.float32)
     for i, (s, _) in enumerate(scored):
@@ -96,7 +95,6 @@ def load_sweep_store(path: Path, meta: dict[str, Any]) -> dict[str, np.ndarray]:
 def save_sweep_store(path: Path, meta: dict[str, Any], rows: dict[str, np.ndarray]) -> None:
     """Write sweep rows (question id -> gold slot x prompt slot scores), sorted by id, atomically."""
 
-
     qids = sorted(rows)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_npz(
@@ -107,3 +105,47 @@ def save_sweep_store(path: Path, meta: dict[str, Any], rows: dict[str, np.ndarra
     )
 
 
+def list_key(qid: str, ids: Sequence[str]) -> str:
+    """What identifies one probed list in a store: its question id and its candidates in order."""
+    import hashlib
+
+    return f"{qid}:" + hashlib.sha256("\x1f".join(ids).encode()).hexdigest()[:16]
+
+
+def load_signal_store(path: Path, meta: dict[str, Any]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Stored probe readings by :func:`list_key`: (merged scores, per-order scores), candidate order.
+
+    Empty when ``path`` does not exist; refused if it was made with other model or probe settings.
+    """
+    if not path.is_file():
+        return {}
+    with np.load(path, allow_pickle=False) as z:
+        check_store_meta(path, json.loads(str(z["meta"])), meta, "signal")
+        out = {}
+        for key, n, merged, orders in zip(z["keys"], z["lengths"], z["merged"], z["orders"], strict=True):
+            out[str(key)] = (merged[:n].astype(np.float64), orders[:, :n].astype(np.float64))
+        return out
+
+
+def save_signal_store(
+    path: Path, meta: dict[str, Any], rows: dict[str, tuple[np.ndarray, np.ndarray]]
+) -> None:
+    """Write probe readings by list key (NaN-padded), with the settings they were made with."""
+    keys = sorted(rows)
+    width = max((len(rows[k][0]) for k in keys), default=1)
+    n_orders = max((rows[k][1].shape[0] for k in keys), default=1)
+    merged = np.full((len(keys), width), np.nan, dtype=np.float32)
+    orders = np.full((len(keys), n_orders, width), np.nan, dtype=np.float32)
+    for i, k in enumerate(keys):
+        m, o = rows[k]
+        merged[i, : len(m)] = m
+        orders[i, : o.shape[0], : o.shape[1]] = o
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_npz(
+        path,
+        meta=json.dumps(meta, sort_keys=True),
+        keys=np.array(keys),
+        lengths=np.array([len(rows[k][0]) for k in keys]),
+        merged=merged,
+        orders=orders,
+    )
