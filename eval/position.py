@@ -45,7 +45,7 @@ default, about a fifth less work than the grid's 23): for re-measuring the other
 new curve, when probe-cv's figure does not depend on it.
 ``store=PREFIX`` (with ``cv=0``): keep each question's scores (raw and N/A-calibrated, every gold slot x
 prompt slot, float32) in ``PREFIX-raw.npz`` and ``PREFIX-nacal.npz``, the calibrate sweep's store format
-(see ``rerank.probe.fit.sweep_scores``); questions found there are not probed again, so a new curve is
+(see ``rerank.fitting.sweep_scores``); questions found there are not probed again, so a new curve is
 measured on all 300 test questions in seconds, and the hours of passes can be spread over several runs
 that add to the same store one after another (one process per store: parts run at once fill the pass
 cache, and a final run with the store reads them from it). A store made with another model, dtype,
@@ -253,8 +253,8 @@ def run(args: Namespace) -> dict[str, Any]:
     from rerank.config import CalibrationConfig, load_config
     from rerank.engines import AttentionReranker
     from rerank.engines.attention import fuse_first_stage
+    from rerank.fitting import ProbeJob, collect, sweep_rows, sweep_scores
     from rerank.probe.calibrators import ScoreSettings
-    from rerank.probe.fit import ProbeJob, collect, sweep_rows, sweep_scores
     from rerank.probe.model import load_model
     from rerank.probe.scoring import zscore
     from retrievers.bm25 import BM25Retriever

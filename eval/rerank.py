@@ -1,7 +1,7 @@
 """Suite ``rerank``: TREC DL19 passage ranking of BM25's top-100 by the attention probe.
 
 Every probe system is scored from one set of forward passes (all layers, with the ``N/A`` pass; see
-``rerank/probe/fit.py``), so the variants differ only in how the captured attention is read. The
+``rerank/fitting.py``), so the variants differ only in how the captured attention is read. The
 ``position-prior`` control ranks by prompt slot alone with the same windows and merging: a probe figure
 means something only where it beats this control.
 
@@ -160,7 +160,7 @@ def hybrid_pool(queries: list[dict[str, Any]], retriever: Any) -> list[dict[str,
 
 def window_jobs(queries: list[dict[str, Any]], depth: int) -> list[Any]:
     """Consecutive windows of 20 in BM25 order, each placed best-last in its prompt."""
-    from rerank.probe.fit import ProbeJob
+    from rerank.fitting import ProbeJob
 
     jobs = []
     for q in queries:
@@ -381,7 +381,7 @@ def run_default(
 def run(args: Namespace) -> dict[str, Any]:
     from eval.heads import choose
     from rerank.config import load_config
-    from rerank.probe.fit import collect
+    from rerank.fitting import collect
     from rerank.probe.model import load_model
 
     opts = getattr(args, "opts", {}) or {}

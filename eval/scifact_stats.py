@@ -96,7 +96,7 @@ def scifact_passes(
         last_layer: The passes stop after this layer (default: all layers).
     """
     from rerank.engines.base import prompt_slots
-    from rerank.probe.fit import ProbeJob, collect
+    from rerank.fitting import ProbeJob, collect
 
     jobs = [
         ProbeJob(

@@ -465,7 +465,7 @@ def test_shipped_fp32_curve_is_refitted_from_its_stores(tmp_path):
     import shutil
 
     from rerank.config import load_config
-    from rerank.probe.fit import fit_for
+    from rerank.fitting import fit_for
 
     curves = REPO / "calibration" / "curves"
     shipped = BiasCurve.load(curves / "smollm2-135m-nacal-fp32.json")

@@ -201,12 +201,12 @@ def test_position_suite(data_dir: Path, tmp_path: Path, smol_model, monkeypatch:
             assert z["qids"].tolist() == sorted(r["per_question"]["qids"])
             assert z["scores"].shape == (3, 20, 20)
     # Every question is in the store now: a run makes no pass and reports the same ranks.
-    import rerank.probe.fit
+    import rerank.fitting
 
     def no_pass(*a: object, **k: object) -> None:
         raise AssertionError("a stored question was probed again")
 
-    monkeypatch.setattr(rerank.probe.fit, "collect", no_pass)
+    monkeypatch.setattr(rerank.fitting, "collect", no_pass)
     # timing_lists=0 (a run that only fills or reads a store) leaves the timing keys out, not NaN.
     again = _run("position", data_dir, tmp_path, "questions=3", "timing_lists=0", "cv=0", store)
     assert again["per_question"] == no_cv["per_question"]

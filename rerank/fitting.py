@@ -1,5 +1,6 @@
-"""Running the probe for a curve fit: the fitting lists and the sweep probed with the model, passes
-cached on disk, then handed to :mod:`calibration` (model-free) to fit and choose the curve.
+"""Running the probe for a fit, then handing its scores to :mod:`calibration` (model-free): the
+curve's fitting lists and position sweep (passes cached on disk), and the lists the fusion weights are
+fitted on (:func:`fit_fusion_for`).
 
 The lists come from :mod:`calibration.lists`: the NQ-open dev lists shipped with the package, or the
 user's own JSONL.
@@ -492,3 +493,98 @@ def fit_for(
     return curve, {"scored": scored, **report}
 
 
+
+
+def probe_readings(
+    reranker: Any,
+    lists: Sequence[Any],
+    store: Path | None = None,
+    desc: str = "fusion lists",
+    show_progress: bool = True,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The probe's scores of each list (anything with ``qid``, ``question`` and ``passages``), read as
+    the reranker reads them: per list, the merged calibrated scores and each prompt order's, in
+    candidate order. ``store``: an ``.npz`` of readings by list, read first and written as lists are
+    probed (the probe is the expensive part of a fusion fit; the other signals cost seconds).
+    """
+    from tqdm.auto import tqdm
+
+    from calibration.stores import list_key, load_signal_store, save_signal_store
+    from rerank.engines.attention import trace_probes
+
+    meta = {
+        **reranker.probe_meta(),
+        "passage_max_tokens": reranker.cfg.passage_max_tokens,
+        "prompt_order": reranker.cfg.prompt_order,
+        "window_size": reranker.cfg.window_size,
+        "curve": (reranker.curve.meta.get("fit", {}).get("data") if reranker.curve is not None else None),
+    }
+    rows = load_signal_store(store, meta) if store is not None else {}
+    out = []
+    last_save = time.monotonic()
+    for lst in tqdm(lists, desc=desc, unit="list", disable=not show_progress):
+        ids = [p.id for p in lst.passages]
+        key = list_key(lst.qid, ids)
+        if key not in rows:
+            with trace_probes() as traces:
+                ranked = reranker.score_only(lst.question, list(lst.passages))
+            pos = {pid: i for i, pid in enumerate(ids)}
+            orders = np.zeros((len(traces), len(ids)))
+            for j, tr in enumerate(traces):
+                for slot, p in enumerate(tr.passages):
+                    orders[j, pos[p.id]] = tr.calibrated[slot]
+            rows[key] = (ranked, orders)
+            if store is not None and time.monotonic() - last_save > 60:
+                save_signal_store(store, meta, rows)
+                last_save = time.monotonic()
+        out.append(rows[key])
+    if store is not None and rows:
+        save_signal_store(store, meta, rows)
+    return out
+
+
+def fit_fusion_for(
+    reranker: Any,
+    items: Sequence[CalibrationItem],
+    *,
+    n_hard: int = 60,
+    n_retrieved: int = 60,
+    store: Path | None = None,
+    data_label: str | None = None,
+    show_progress: bool = True,
+) -> Any:
+    """Fit the fusion weights of ``reranker``'s probe (with its curve) and of the cheap signals.
+
+    The lists are :func:`calibration.lists.fusion_lists` of ``items``; the probe reads each as the
+    reranker would (``store``: see :func:`probe_readings`), the other signals are computed here, and
+    :func:`calibration.fusion.fit_fusion` fits the weights.
+    """
+    from calibration.fusion import LabelledList, fit_fusion
+    from calibration.lists import fusion_lists
+    from rerank.engines.signals import cheap_signals
+    from retrievers.hybrid import HybridRetriever
+
+    retriever = HybridRetriever()
+    if n_retrieved:
+        pool = {p.id: p for it in items for p in (it.gold, *it.distractors)}
+        retriever.index(list(pool.values()), show_progress=show_progress)
+    reranker.dense.retriever = retriever.dense  # one encoder for the lists and the dense signal
+    lists = fusion_lists(items, n_hard, n_retrieved, retriever=retriever)
+    readings = probe_readings(reranker, lists, store=store, show_progress=show_progress)
+    labelled = []
+    for lst, (merged, _orders) in zip(lists, readings, strict=True):
+        sig, _, _ = cheap_signals(
+            lst.question, lst.passages, lst.first_stage, None, ("first_stage", "bm25", "dense"),
+            dense=reranker.dense,
+        )
+        sig["probe"] = merged
+        labelled.append(LabelledList(sig, np.asarray(lst.labels), lst.source))
+    kinds = {k: sum(lst.source == k for lst in lists) for k in ("hard", "retrieved")}
+    meta = {
+        "data": data_label or "NQ-open dev questions shipped with the package (never a test split)",
+        "lists_by_kind": kinds,
+        "list_kinds": "hard: gold at a seeded random slot among 19 BM25-hard distractors, no first-stage "
+        "scores; retrieved: hybrid (BM25 + dense, RRF) top-20 over every passage of the lists, with the "
+        "fused scores as first-stage scores, relevant = gold passage or one holding an answer string",
+    }
+    return fit_fusion(labelled, meta=meta)
