@@ -116,8 +116,19 @@ class ProbeConfig(_Frozen):
             windows that share the query.
         window_merge: How scores of different windows are made comparable: ``zscore`` (standardise
             within each window) or ``raw``.
-        first_stage_weight: Weight of the retriever's z-scored score fused with the probe's z-scored
-            score (0 = probe only).
+        first_stage_weight: With ``fusion: fixed``, the weight of the retriever's z-scored score (in-list
+            BM25 without one) fused with the probe's z-scored score (0 = probe only).
+        fusion: ``fitted`` fuses every signal (the probe, the first-stage score, in-list BM25 and the
+            dense encoder's cosine) with the weights fitted for the model (the curve's ``fusion`` block,
+            ``attn-rerank calibrate``); ``fixed`` is z(probe) + ``first_stage_weight`` x z(first stage).
+        weights: Fusion weights by signal (``probe``, ``first_stage``, ``bm25``, ``dense``) that replace
+            the curve's fitted ones; a signal left out gets 0. Implies ``fusion: fitted``.
+        first_stage: How a first-stage signal is read: ``scores`` (the caller's scores; none for plain
+            strings) or ``order`` (the candidates' order as given is the first-stage ranking, for
+            callers whose list is already ranked but carries no scores).
+        cascade: With more candidates than ``window_size``, the cheap signals order all of them and the
+            probe reads only the best window; the others keep the cheap order below it. Off: every
+            window is probed.
         rotations_up_to: Windows of 2 to this many candidates are read in all their cyclic rotations
             (one prefill each) instead of ``prompt_order``'s orders, so that every passage sits in every
             slot once and the list's order stops mattering; 0 = never (short lists are what RAG
@@ -149,6 +160,10 @@ class ProbeConfig(_Frozen):
     window_size: int = Field(default=20, ge=1)
     window_merge: Literal["zscore", "raw"] = "zscore"
     first_stage_weight: float = Field(default=0.0, ge=0.0, allow_inf_nan=False)
+    fusion: Literal["fixed", "fitted"] = "fixed"
+    weights: dict[str, float] | None = None
+    first_stage: Literal["scores", "order"] = "scores"
+    cascade: bool = False
     rotations_up_to: int = Field(default=0, ge=0)
     extra_orders: int = Field(default=0, ge=0, le=16)
     orders_early_exit: bool = False
@@ -171,6 +186,13 @@ class ProbeConfig(_Frozen):
     @classmethod
     def _numbers_not_bool(cls, v: Any) -> Any:
         return _no_bools(v)
+
+    @field_validator("weights", mode="before")
+    @classmethod
+    def _check_weights(cls, v: Any) -> Any:
+        from calibration.fusion import check_weights
+
+        return None if v is None else check_weights(v, "weights")
 
     @model_validator(mode="after")
     def _check_layers(self) -> ProbeConfig:

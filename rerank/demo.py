@@ -72,12 +72,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(f"{'question':46s} {'first stage top 3':41s} {'reranked top 3':41s}")
     first_scores, rerank_scores, seconds = [], [], []
+    weights: dict[str, float] = {}
     answer = None
     for i, q in enumerate(queries):
         hits = pipe.retrieve(q["query"])
         t = time.perf_counter()
         ranked = pipe.rerank(q["query"], hits)
         seconds.append(time.perf_counter() - t)
+        weights = ranked.info.get("weights", {})
         first = [h.passage.id for h in hits]
         rel = q["relevant"]
         first_scores.append(ndcg(first, rel))
@@ -88,13 +90,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     n = len(queries)
     print(f"\n* = labelled relevant.  nDCG@5 over the {n} questions:")
     print(f"  first stage ({pipe.config.retriever.name}) {sum(first_scores) / n:.3f}")
-    print(f"  reranked (attention probe)   {sum(rerank_scores) / n:.3f}")
+    print(f"  reranked                     {sum(rerank_scores) / n:.3f}")
+    if weights:
+        fused = ", ".join(f"{k} {v:.2f}" for k, v in weights.items())
+        print(f"  fused signals and the weights fitted for this model: {fused}")
     orders = "two prompt orders" if pipe.config.probe.prompt_order == "both" else "one prompt order"
     k = pipe.config.retriever.top_k
     print(f"  rerank time {sum(seconds) / n:.2f} s per question of {k} passages ({orders})")
     if sum(rerank_scores) < sum(first_scores):
         print(
-            "  Here the 135M model's reranking is below this first stage: its attention is a weak signal.\n"
+            "  Here the reranking is below this first stage: the 135M model's attention is a weak signal.\n"
             "  A larger model is what makes the method strong; fit its bias curve with attn-rerank calibrate."
         )
     if answer is not None:

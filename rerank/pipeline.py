@@ -166,7 +166,16 @@ class Pipeline:
 
         Plain strings are accepted as candidates; their ids are their indices in ``passages``.
         """
-        return self.reranker.rerank(query, passages, top_k=top_k)
+        rr = self.reranker
+        dense = getattr(rr, "dense", None)
+        own = getattr(
+            self.retriever,
+            "dense",
+            self.retriever if getattr(self.retriever, "kind", "") == "dense" else None,
+        )
+        if dense is not None and dense.retriever is None and own is not None:
+            dense.retriever = own  # the dense signal uses the retriever's encoder: one model in memory
+        return rr.rerank(query, passages, top_k=top_k)
 
     def explain(self, query: str | Query, passages: Sequence[Candidate], **kw: Any) -> Explanation:
         """Rerank ``passages`` and explain the result (see :mod:`rerank.explain`).

@@ -63,6 +63,9 @@ class ScoredPassage(BaseModel):
         prompt_position: 0-based slot of the passage in the probe prompt (None when not probed; with
             ``prompt_order: both``, its slot in the first, best-last, prompt).
         first_stage_score: The retriever's score, kept for fusion and for inspection.
+        signals: Each fused signal's raw value for this passage (``probe``: the probe's score
+            standardised within its window; ``first_stage``, ``bm25``, ``dense``: see
+            :mod:`rerank.engines.signals`), before the final score standardises and weights them.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -74,6 +77,7 @@ class ScoredPassage(BaseModel):
     calibrated_score: float | None = None
     prompt_position: int | None = None
     first_stage_score: float | None = None
+    signals: dict[str, float] = Field(default_factory=dict)
 
 
 class RankedList(BaseModel):

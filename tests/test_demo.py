@@ -23,7 +23,8 @@ def test_demo_shows_both_stages_with_metrics_and_no_library_noise():
     rows = [line for line in out.splitlines() if len(re.findall(r"\b[a-z]+-\d+\*?", line)) == 6]
     assert len(rows) == 8
     first = float(re.search(r"first stage \(\w+\) ([01]\.\d{3})", out).group(1))
-    reranked = float(re.search(r"reranked \(attention probe\)\s+([01]\.\d{3})", out).group(1))
+    reranked = float(re.search(r"reranked\s+([01]\.\d{3})", out).group(1))
+    assert "fused signals and the weights fitted for this model: " in out
     assert 0.0 <= first <= 1.0 and 0.0 <= reranked <= 1.0
     assert ("below this first stage" in out) == (reranked < first)
     assert "answer: " in out

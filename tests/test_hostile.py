@@ -248,7 +248,7 @@ def smol_pipe() -> Any:
 
 def test_without_scores_the_readme_example_does_not_rank_by_the_given_order(smol_pipe: Any) -> None:
     ranked = smol_pipe.rerank("Who wrote Hamlet?", HAMLET)
-    assert ranked.info["first_stage"] == "in-list-bm25"
+    assert ranked.info["first_stage"] == "none" and "bm25" in ranked.info["signals"]
     # The Eiffel Tower passage (no word of the query, no relevance) is last; Hamlet is not (it was last
     # when the rank stood in for a score). The two plays' passages are close: the probe alone puts
     # Marlowe's "wrote" a hair above Hamlet's "written by".
@@ -282,12 +282,21 @@ def test_nan_or_mixed_first_stage_scores_are_refused(smol_pipe: Any) -> None:
     mixed = [Hit(passage=HAMLET[0], score=1.0, rank=1), HAMLET[1]]
     with pytest.raises(ValueError, match="candidate 1 has none"):
         smol_pipe.rerank("Who wrote Hamlet?", mixed)
-    # Scores near the float limit are fused without overflowing.
+    # Scores near the float limit are fused without overflowing (with a weight on them: the fitted
+    # weights may give the first stage none).
     extreme = [
         Hit(passage=p, score=s, rank=i + 1)
         for i, (p, s) in enumerate(zip(HAMLET, [1e308, -1e308, 0.0], strict=True))
     ]
-    ranked = smol_pipe.rerank("Who wrote Hamlet?", extreme)
+    from rerank.pipeline import Pipeline
+
+    weighted = Pipeline(smol_pipe.config, model=smol_pipe.model)
+    weighted.config = weighted.config.model_copy(
+        update={
+            "probe": weighted.config.probe.model_copy(update={"weights": {"probe": 1.0, "first_stage": 1.0}})
+        }
+    )
+    ranked = weighted.rerank("Who wrote Hamlet?", extreme)
     assert ranked.info["first_stage"] == "scores"
     assert all(np.isfinite(it.score) for it in ranked.items)
 
@@ -552,5 +561,6 @@ def test_run_tag_with_whitespace_is_a_usage_error(tmp_path: Path, cfg: Path) -> 
     assert not out.exists()
 
 
-def test_the_default_fusion_weight_is_1() -> None:
-    assert load_config("default").probe.first_stage_weight == 1.0
+def test_the_default_fuses_with_the_weights_fitted_for_its_model() -> None:
+    probe = load_config("default").probe
+    assert probe.fusion == "fitted" and probe.weights is None and probe.cascade

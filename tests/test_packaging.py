@@ -219,11 +219,13 @@ def test_calibrate_a_tiny_random_llama_from_a_folder(tmp_path: Path):
     tok.save_pretrained(folder)
     out = tmp_path / "tiny-curve.json"
     args = ["calibrate", "--model", str(folder), "--out", str(out), "--lists", "48", "--no-progress"]
+    args += ["--fusion-hard", "24", "--fusion-retrieved", "0"]
     assert main([*args, "--dtype", "float32"]) == 0
     curve = json.loads(out.read_text())
     assert curve["meta"]["model_id"] == str(folder)
     assert curve["meta"]["layers"] == [2, 3], "the default's share of the depth: 12/30 and 19/30 of 5"
     assert out.with_suffix(".png").stat().st_size > 0
+    assert curve["fusion"]["meta"]["lists_by_kind"] == {"hard": 24, "retrieved": 0}
     pipe = Pipeline.from_config(out.with_suffix(".yaml"), generator=None)
     ranked = pipe.rerank("Who wrote Hamlet?", ["Hamlet is by Shakespeare.", "Paris is in France."])
     assert pipe.reranker.curve is not None and pipe.reranker.curve.meta["model_id"] == str(folder)

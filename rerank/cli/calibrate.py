@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from rerank.cli.common import EXIT_OK, UsageError, load_cli_config, positive_int
 from rerank.config import is_config_name
+from rerank.core.common import EXIT_OK, UsageError, load_cli_config, positive_int
 
 #: The shipped default reads layers 12-19 of the embedded model's 30: the middle of the network, where
 #: the relevance signal peaks (see DESIGN.md). Another model gets the same fraction of its depth.
@@ -43,13 +43,17 @@ def _config_for(args: argparse.Namespace) -> Any:
     return cfg.model_copy(update={"model": model, "calibration": cal.model_copy(update={"curve": None})})
 
 
-def _write_config(path: Path, cfg: Any, curve_path: Path, base: str) -> None:
+def _write_config(path: Path, cfg: Any, curve_path: Path, base: str, fitted: bool = True) -> None:
     import yaml
 
+    probe: dict[str, Any] = {"layers": list(cfg.probe.layers) if cfg.probe.layers else None}
+    if not fitted:
+        # No weights were fitted (--fusion-hard 0 --fusion-retrieved 0): the fixed fusion.
+        probe.update(fusion="fixed", first_stage_weight=1.0)
     doc = {
         "extends": base,
         "model": {"name": cfg.model.name, "dtype": cfg.model.dtype},
-        "probe": {"layers": list(cfg.probe.layers) if cfg.probe.layers else None},
+        "probe": probe,
         "calibration": {"name": cfg.calibration.name, "curve": str(curve_path.resolve())},
     }
     header = f"# Written by attn-rerank calibrate: the curve {curve_path.name} applied to {cfg.model.name}.\n"
@@ -74,7 +78,7 @@ def _short_items(args: argparse.Namespace, items: list[Any]) -> list[Any]:
 def _add_short_offsets(
     args: argparse.Namespace, curve: Any, cfg: Any, model: Any, short: list[Any], label: str | None
 ) -> Any:
-    from rerank.probe.fit import fit_short_offsets
+    from rerank.fitting import fit_short_offsets
 
     start = args.equalise_questions if args.short_start is None else args.short_start
     return fit_short_offsets(
@@ -96,7 +100,9 @@ def _save(args: argparse.Namespace, cfg: Any, curve: Any) -> tuple[Path, Path]:
     curve.save(out)
     yml = out.with_suffix(".yaml")
     ref = str(args.config)
-    _write_config(yml, cfg, out, ref if is_config_name(ref) else str(args.config.resolve()))
+    _write_config(
+        yml, cfg, out, ref if is_config_name(ref) else str(args.config.resolve()), curve.fusion is not None
+    )
     return out, yml
 
 
@@ -121,6 +127,50 @@ def _extend(args: argparse.Namespace, cfg: Any, model: Any, short: list[Any], la
     return EXIT_OK
 
 
+def _with_fusion(
+    args: argparse.Namespace, cfg: Any, model: Any, curve: Any, items: list[Any], label: str | None
+) -> Any:
+    """``curve`` with the fusion weights fitted for the probe it corrects."""
+    import dataclasses
+
+    from rerank.engines import AttentionReranker
+    from rerank.fitting import fit_fusion_for
+
+    rr = AttentionReranker(model, cfg.probe, cfg.calibration, curve=curve)
+    fusion = fit_fusion_for(
+        rr,
+        items,
+        n_hard=args.fusion_hard,
+        n_retrieved=args.fusion_retrieved,
+        store=args.fusion_store,
+        data_label=label,
+        show_progress=not args.no_progress,
+    )
+    return dataclasses.replace(curve, fusion=fusion)
+
+
+def _print_fusion(fusion: Any) -> None:
+    for name, w in fusion.weights.items():
+        lo, hi = fusion.ci.get(name, (float("nan"), float("nan")))
+        print(
+            f"fusion weight {name}: {w:.3f} (95% CI with every signal: {lo:.3f} to {hi:.3f})", file=sys.stderr
+        )
+
+
+def _weights_for(args: argparse.Namespace, cfg: Any, model: Any, items: list[Any], label: str | None) -> int:
+    """``--weights-for CURVE``: the curve as it is, with fusion weights fitted for it."""
+    from calibration.curve import BiasCurve
+
+    try:
+        curve = _with_fusion(args, cfg, model, BiasCurve.load(args.weights_for), items, label)
+    except (FileNotFoundError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    out, yml = _save(args, cfg, curve)
+    _print_fusion(curve.fusion)
+    print(f"wrote {out} and {yml}", file=sys.stderr)
+    return EXIT_OK
+
+
 def _lengths(text: str) -> list[int]:
     try:
         values = sorted({int(x) for x in text.split(",") if x.strip()})
@@ -135,7 +185,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     """Fit, then write ``OUT`` (curve), ``OUT.png`` and ``OUT.yaml`` (a config that uses it)."""
     from calibration.lists import load_calibration_items
     from calibration.plots import plot_curve
-    from rerank.probe.fit import fit_for
+    from rerank.fitting import fit_for
     from rerank.probe.model import load_model
 
     cfg = _config_for(args)
@@ -159,6 +209,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         cfg = cfg.model_copy(update={"probe": cfg.probe.model_copy(update={"layers": band})})
     label = None if args.data is None else f"the user's calibration lists {Path(args.data).name}"
     short = _short_items(args, items)
+    if args.weights_for is not None:
+        return _weights_for(args, cfg, model, items, label)
     if args.extend is not None:
         return _extend(args, cfg, model, short, label)
     try:
@@ -178,6 +230,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         )
         if short:
             curve = _add_short_offsets(args, curve, cfg, model, short, label)
+        if args.fusion_hard + args.fusion_retrieved:
+            curve = _with_fusion(args, cfg, model, curve, items, label)
     except (FileNotFoundError, ValueError) as exc:
         raise UsageError(str(exc)) from None
     out, yml = _save(args, cfg, curve)
@@ -188,6 +242,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     print(f"correction: {report['mode']}; held-out gold recall@1: {recall}", file=sys.stderr)
     if "offset_shape" in report:
         print(f"per-slot offsets: {report['offset_shape']}", file=sys.stderr)
+    if curve.fusion is not None:
+        _print_fusion(curve.fusion)
     print(f"use it: attn-rerank run --config {yml} ..., or Pipeline.from_config('{yml}')", file=sys.stderr)
     return EXIT_OK
 
@@ -289,6 +345,33 @@ def add_parser(sub: argparse._SubParsersAction, fmt: type[argparse.HelpFormatter
         type=Path,
         metavar="CURVE.json",
         help="fit nothing else: add the --short-lengths offsets to this curve and write it to --out",
+    )
+    p.add_argument(
+        "--fusion-hard",
+        type=int,
+        default=60,
+        metavar="K",
+        help="lists of a gold passage among hard distractors for fitting the fusion weights (default "
+        "%(default)s; 0 and --fusion-retrieved 0 fit no weights)",
+    )
+    p.add_argument(
+        "--fusion-retrieved",
+        type=int,
+        default=60,
+        metavar="K",
+        help="lists retrieved over the calibration passages for fitting the fusion weights (default "
+        "%(default)s)",
+    )
+    p.add_argument(
+        "--fusion-store",
+        type=Path,
+        help="an .npz of the fusion lists' probe readings: read first, written as lists are probed",
+    )
+    p.add_argument(
+        "--weights-for",
+        type=Path,
+        metavar="CURVE.json",
+        help="fit nothing else: fit the fusion weights for this curve and write it to --out",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_calibrate)

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from calibration.curve import MATCH_KEYS, BiasCurve, pick_compatible
+from calibration.fusion import SIGNALS, fuse, standardise
 from rerank.config import CalibrationConfig, PipelineConfig, ProbeConfig
 from rerank.engines.base import (
     PROBE_ENGINES,
@@ -25,12 +26,15 @@ from rerank.engines.base import (
     Candidate,
     as_query,
     check_top_k,
+    given_signals,
     probe_windows,
     prompt_slots,
     split_candidates,
     to_candidate_order,
     window_orders,
 )
+from rerank.engines.signals import DenseSignal, cheap_signals
+from rerank.interrupt import check as check_interrupt
 from rerank.probe.calibrators import CALIBRATORS, ScoreSettings
 from rerank.probe.model import LoadedModel
 from rerank.probe.prompt import EARLY_QUERY, PromptTemplate
@@ -40,6 +44,7 @@ from rerank.records import Passage, Query, RankedList, ScoredPassage
 logger = logging.getLogger(__name__)
 
 CURVES_DIR = Path(str(importlib.resources.files("calibration") / "curves"))
+
 
 def resolve_curve_path(name: str) -> Path:
     """A curve file: one shipped in the package's curves folder, else a path (absolute or relative to the
@@ -174,6 +179,8 @@ class AttentionReranker(BatchReranker):
             model, layers=self.cfg.layer_range, heads=self.cfg.heads, rows=self.cfg.query_rows
         )
         self.curve = curve
+        #: The dense encoder for the ``dense`` signal; a pipeline sets it to its retriever's.
+        self.dense = DenseSignal()
         if self.curve is None and self.calibrator.uses_curve:
             if not self.cal_cfg.curve:
                 raise ValueError(
@@ -280,6 +287,49 @@ class AttentionReranker(BatchReranker):
         """Calibrated scores of ``passages`` probed in exactly the given prompt order (iterative sorting)."""
         return self._probe_scores(query, [passages])[0][1]
 
+    def fusion_weights(self) -> dict[str, float] | None:
+        """The weights the final score fuses the signals with: ``probe.weights``, else with ``fusion:
+        fitted`` the curve's fitted ones; None for the fixed fusion (``first_stage_weight``)."""
+        if self.cfg.weights is not None:
+            return {s: float(self.cfg.weights.get(s, 0.0)) for s in SIGNALS}
+        if self.cfg.fusion == "fixed":
+            return None
+        fitted = self.curve.fusion if self.curve is not None else None
+        if fitted is None:
+            raise ValueError(
+                "probe.fusion is 'fitted' but the curve has no fitted weights; refit it with "
+                "`attn-rerank calibrate`, set probe.weights, or use probe.fusion: fixed"
+            )
+        return dict(fitted.weights)
+
+    def _probe_windows(
+        self, query: str, ps: Sequence[Passage]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int], int, int]:
+        """Raw, calibrated and merged (standardised per window) probe scores, prompt slots, windows and
+        prompts read, in candidate order."""
+        raw = np.empty(len(ps))
+        cal = np.empty(len(ps))
+        merged = np.empty(len(ps))
+        pos = [0] * len(ps)
+        windows = probe_windows(len(ps), self.cfg)
+        prompts = 0
+        for win in windows:
+            check_interrupt()  # a caller that has gone stops the work at a window boundary
+            idx = list(win)
+            r, c, p, k = self._read_window(query, [ps[i] for i in idx])
+            prompts += k
+            raw[idx], cal[idx] = r, c
+            # A window of one passage has no spread to standardise by: zscore puts it at the mean (0).
+            merged[idx] = zscore(c) if self.cfg.window_merge == "zscore" else c
+            for i, slot in zip(idx, p, strict=True):
+                pos[i] = slot
+        return raw, cal, merged, pos, len(windows), prompts
+
+    def score_only(self, query: str, passages: Sequence[Candidate]) -> np.ndarray:
+        """The probe's merged scores of ``passages`` (candidate order), without any fusion."""
+        ps, _ = split_candidates(passages)
+        return self._probe_windows(query, ps)[2]
+
     def rerank(
         self,
         query: str | Query,
@@ -290,7 +340,9 @@ class AttentionReranker(BatchReranker):
 
         More candidates than ``probe.window_size`` are split into consecutive windows that share the
         query; each window's calibrated scores are standardised (``window_merge: zscore``) so that windows
-        compare, then optionally fused with the standardised first-stage scores.
+        compare. The final score fuses them with the cheap signals (see :meth:`fusion_weights`); with
+        ``cascade``, only the window the cheap signals rank best is probed. A probe weight of 0 skips the
+        probe altogether.
 
         Raises:
             ValueError: Duplicate passage ids, a bad ``top_k``, or a window that cannot fit the
@@ -302,47 +354,87 @@ class AttentionReranker(BatchReranker):
         if not ps:
             return RankedList(query=q, items=(), info={"windows": 0})
         t0 = time.perf_counter()
-        raw = np.empty(len(ps))
-        cal = np.empty(len(ps))
-        merged = np.empty(len(ps))
-        pos = [0] * len(ps)
-        windows = probe_windows(len(ps), self.cfg)
-        prompts = 0
-        for win in windows:
-            idx = list(win)
-            r, c, p, k = self._read_window(q.text, [ps[i] for i in idx])
-            prompts += k
-            raw[idx], cal[idx] = r, c
-            # A window of one passage has no spread to standardise by: zscore puts it at the mean (0).
-            merged[idx] = zscore(c) if self.cfg.window_merge == "zscore" else c
-            for i, slot in zip(idx, p, strict=True):
-                pos[i] = slot
-        final = merged.copy()
-        fused = "none"
-        if self.cfg.first_stage_weight > 0:
-            fs = first_stage_signal(q.text, ps, first)
-            if fs is not None:
-                fused = "scores" if first is not None else "in-list-bm25"
-                final = fuse_first_stage(final, fs, self.cfg.first_stage_weight)
-        order = sorted(range(len(ps)), key=lambda i: (-final[i], i))
+        weights = self.fusion_weights()
+        n = len(ps)
+        raw = np.full(n, np.nan)
+        cal = np.full(n, np.nan)
+        pos: list[int | None] = [None] * n
+        info: dict[str, Any] = {}
+        if weights is None:
+            raw, cal, merged, pos, windows, prompts = self._probe_windows(q.text, ps)
+            final = merged.copy()
+            fused = "none"
+            if self.cfg.first_stage_weight > 0:
+                fs = first_stage_signal(q.text, ps, first)
+                if fs is not None:
+                    fused = "scores" if first is not None else "in-list-bm25"
+                    final = fuse_first_stage(final, fs, self.cfg.first_stage_weight)
+            signals: dict[str, np.ndarray | None] = {"probe": merged}
+            info["first_stage"] = fused
+            info["weights"] = {
+                "probe": 1.0,
+                **({fused: self.cfg.first_stage_weight} if fused != "none" else {}),
+            }
+        else:
+            cheap_names = [s for s in SIGNALS if s != "probe" and weights.get(s, 0) != 0]
+            signals, sources, secs = cheap_signals(
+                q.text,
+                ps,
+                first,
+                given_signals(passages),
+                cheap_names,
+                first_stage=self.cfg.first_stage,
+                dense=self.dense,
+            )
+            info["signals"] = sources
+            info["signal_seconds"] = secs
+            final = fuse(signals, weights, n)
+            windows = prompts = 0
+            if weights.get("probe", 0) != 0:
+                if self.cfg.cascade and n > self.cfg.window_size:
+                    # The cheap order picks the window; the probe reads it best first, as a first stage.
+                    top = sorted(range(n), key=lambda i: (-final[i], i))[: self.cfg.window_size]
+                else:
+                    top = list(range(n))
+                r, c, m, p, windows, prompts = self._probe_windows(q.text, [ps[i] for i in top])
+                raw[top], cal[top] = r, c
+                probe = np.full(n, np.nan)
+                probe[top] = m
+                signals["probe"] = probe
+                for i, slot in zip(top, p, strict=True):
+                    pos[i] = slot
+                if len(top) < n:
+                    # Fused within the probed window (its signals standardised there, as in the fit);
+                    # the rest keep their cheap scores, shifted to sit below the window's lowest.
+                    sub = {k: (v[top] if v is not None else None) for k, v in signals.items()}
+                    win = fuse(sub, weights, len(top))
+                    rest = [i for i in range(n) if i not in set(top)]
+                    shift = min(win) - max(final[rest]) - 1.0
+                    final[rest] += shift
+                    final[top] = win
+                    info["cascade"] = {"probed": len(top), "of": n}
+                else:
+                    final = fuse(signals, weights, n)
+            used = {
+                k: weights[k]
+                for k in SIGNALS
+                if weights.get(k, 0) != 0 and standardise(signals.get(k)) is not None
+            }
+            info["first_stage"] = self.cfg.first_stage if "first_stage" in used else "none"
+            info["weights"] = used
+        order = sorted(range(n), key=lambda i: (-final[i], i))
         items = tuple(
             ScoredPassage(
                 passage=ps[i],
                 score=float(final[i]),
                 rank=r + 1,
-                raw_score=float(raw[i]),
-                calibrated_score=float(cal[i]),
+                raw_score=None if np.isnan(raw[i]) else float(raw[i]),
+                calibrated_score=None if np.isnan(cal[i]) else float(cal[i]),
                 prompt_position=pos[i],
                 first_stage_score=None if first is None else first[i],
+                signals={k: float(v[i]) for k, v in signals.items() if v is not None and not np.isnan(v[i])},
             )
             for r, i in enumerate(order)
         )
-        info = {
-            "windows": len(windows),
-            "prompts": prompts,
-            "first_stage": fused,
-            "seconds": time.perf_counter() - t0,
-        }
+        info = {"windows": windows, "prompts": prompts, **info, "seconds": time.perf_counter() - t0}
         return RankedList(query=q, items=items[:top_k], info=info)
-
-

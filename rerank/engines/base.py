@@ -95,6 +95,12 @@ def split_candidates(cands: Sequence[Candidate]) -> tuple[list[Passage], list[fl
     return passages, (None if missing else [float(s) for s in scores])
 
 
+def given_signals(cands: Sequence[Candidate]) -> list[dict[str, float]] | None:
+    """The first stage's component scores each candidate carries (``Hit.signals``); None for none."""
+    out = [dict(c.signals) if isinstance(c, Hit) else {} for c in cands]
+    return out if any(out) else None
+
+
 def prompt_orders(probe: ProbeConfig) -> tuple[str, ...]:
     """The prompt orders each window is probed in: ``both`` is ``reversed`` then ``retriever``."""
     return ("reversed", "retriever") if probe.prompt_order == "both" else (probe.prompt_order,)

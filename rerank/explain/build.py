@@ -148,8 +148,19 @@ def build_explanation(
         raise ValueError("nothing to explain: no passages given")
 
     t0 = time.perf_counter()
-    with trace_probes() as traces:
-        ranked = rr.rerank(q, passages)
+    cascade = rr.cfg.cascade
+    try:
+        # The page shows every window the probe read: with the cascade it would read only the best one.
+        rr.cfg = rr.cfg.model_copy(update={"cascade": False})
+        with trace_probes() as traces:
+            ranked = rr.rerank(q, passages)
+    finally:
+        rr.cfg = rr.cfg.model_copy(update={"cascade": cascade})
+    if not traces:
+        raise ValueError(
+            "nothing to explain: the probe's fusion weight is 0 for this model, so no prompt was read "
+            f"(weights: {ranked.info.get('weights')})"
+        )
     t_rerank = time.perf_counter() - t0
     t1 = time.perf_counter()
 
@@ -493,6 +504,8 @@ def _facts(
         "prompt_order": rr.cfg.prompt_order,
         "first_stage": ranked.info.get("first_stage"),
         "first_stage_weight": rr.cfg.first_stage_weight,
+        "weights": ranked.info.get("weights", {}),
+        "signals": ranked.info.get("signals", {}),
         "passages": n,
         "windows": ranked.info.get("windows"),
         "prompts": prompts,

@@ -137,8 +137,8 @@ _JS = r"""
   root.appendChild(el("p", "hint",
     "Click a column to sort. Raw: attention the query paid to the passage. N/A: the attention a " +
     "content-free query pays it in the same slot. Calibrated: after the N/A correction and the bias curve " +
-    "(mean over prompt orders). Fused: calibrated (standardised per window) plus the weighted first-stage " +
-    "score; the list is ordered by it. Slots: R = best-last prompt, F = first-stage-order prompt."));
+    "(mean over prompt orders). Fused: the weighted sum of the standardised signals (the calibrated " +
+    "score, the first stage, in-list BM25, the encoder; weights under Run facts); the list is ordered by it. Slots: R = best-last prompt, F = first-stage-order prompt."));
   var cols = [
     ["rank", "Rank", function (p) { return p.rank; }, function (v) { return String(v); }],
     ["id", "Passage", function (p) { return p.id; }, null],
@@ -404,7 +404,9 @@ _JS = r"""
   fact("score", F.score_kind + " (" + F.aggregation + "), calibrator " + F.calibrator);
   fact("bias curve", F.curve ? F.curve.mode + ", fitted on lengths " + F.curve.lengths.join("/") +
     (F.curve.offsets ? " with per-slot offsets" : "") + (F.curve.fitted_on ? "; " + F.curve.fitted_on : "") : "none");
-  fact("prompt order", F.prompt_order); fact("first stage", F.first_stage + ", weight " + F.first_stage_weight);
+  fact("prompt order", F.prompt_order); fact("first stage", F.first_stage);
+  fact("fused signals (weight)", Object.keys(F.weights).map(function (k) {
+    return k + " " + fmt(F.weights[k], 3) + (F.signals[k] ? " [" + F.signals[k] + "]" : ""); }).join(", ") || "none");
   fact("windows / prompts", F.windows + " / " + F.prompts.length + " (" + F.prompt_tokens + " tokens)");
   fact("timings (s)", "rerank " + fmt(F.timings.rerank_seconds, 3) + ", explain " + fmt(F.timings.explain_seconds, 3) +
     (F.timings.counterfactual_seconds ? ", counterfactual " + fmt(F.timings.counterfactual_seconds, 3) : ""));

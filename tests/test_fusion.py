@@ -1,0 +1,218 @@
+"""Fusion weights: the fit (model-free), the shipped weights, the reranker's use of them, unscored lists,
+``first_stage: order``, the cascade, and a random-weight model that must earn no trust."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from calibration.fusion import (
+    SIGNALS,
+    FusionWeights,
+    LabelledList,
+    check_weights,
+    fit_fusion,
+    fuse,
+    standardise,
+)
+
+
+def _synthetic(n_lists: int, seed: int) -> list[LabelledList]:
+    """Lists where ``dense`` tracks relevance, ``bm25`` weakly, and ``probe`` is noise."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n_lists):
+        labels = np.zeros(20)
+        labels[rng.integers(20)] = 1
+        out.append(
+            LabelledList(
+                {
+                    "dense": labels * 1.5 + rng.normal(size=20),
+                    "bm25": labels * 0.5 + rng.normal(size=20),
+                    "probe": rng.normal(size=20),
+                    "first_stage": None,
+                },
+                labels,
+            )
+        )
+    return out
+
+
+def test_fit_weights_a_signal_by_its_information_and_drops_noise():
+    fit = fit_fusion(_synthetic(150, 0), n_bootstrap=100)
+    assert fit.weights["dense"] > fit.weights["bm25"] > 0
+    assert fit.weights["probe"] == 0.0, "a noise signal's interval reaches 0: dropped"
+    lo, hi = fit.ci["probe"]
+    assert lo <= 0 <= hi
+    assert fit.ci["dense"][0] > 0
+    assert "first_stage" not in fit.weights, "a signal no list has gets no weight at all"
+    # Round trip through the curve JSON's block.
+    again = FusionWeights.from_json(json.loads(json.dumps(fit.to_json())))
+    assert again.weights == pytest.approx(fit.weights, abs=1e-6)
+
+
+def test_fit_refuses_lists_without_contrast():
+    same = [LabelledList({"dense": np.arange(5.0)}, np.ones(5))]
+    with pytest.raises(ValueError, match="both relevant and non-relevant"):
+        fit_fusion(same)
+
+
+def test_fuse_skips_flat_and_missing_signals():
+    s = {"probe": np.array([1.0, 2.0, 3.0]), "bm25": np.zeros(3), "dense": None}
+    assert np.allclose(fuse(s, {"probe": 2.0, "bm25": 5.0, "dense": 1.0}, 3), 2 * standardise(s["probe"]))
+    with pytest.raises(ValueError, match="unknown signal 'cosine'"):
+        check_weights({"cosine": 1.0})
+    with pytest.raises(ValueError, match="finite"):
+        check_weights({"probe": float("nan")})
+
+
+def test_shipped_curves_carry_weights_with_their_data():
+    from rerank.config import load_config
+    from rerank.engines.attention import resolve_curve_path
+
+    cfg = load_config("default")
+    assert cfg.probe.fusion == "fitted"
+    for name in cfg.calibration.curves:
+        d = json.loads(resolve_curve_path(name).read_text())
+        fusion = FusionWeights.from_json(d["fusion"])
+        assert set(fusion.weights) <= set(SIGNALS)
+        assert "NQ-open dev" in fusion.meta["data"] and "DL19" not in fusion.meta["data"]
+        assert fusion.meta["lists_by_kind"]["hard"] > 0 and fusion.meta["lists_by_kind"]["retrieved"] > 0
+        assert fusion.weights["dense"] > 0, "the encoder earns weight on the calibration lists"
+
+
+@pytest.fixture(scope="module")
+def default_pipe(smol_model: Any) -> Any:
+    from rerank import Pipeline
+
+    return Pipeline(Pipeline.from_config("default", generator=None).config, model=smol_model)
+
+
+CAPITALS = [
+    "Berlin is the capital of Germany.",
+    "Paris is the capital of France.",
+    "The Eiffel Tower is in Paris.",
+]
+
+
+@pytest.mark.slow
+def test_readme_curl_example_puts_paris_first_in_every_order(default_pipe: Any):
+    """README's example: whichever order the three documents come in, Paris's sentence ranks first."""
+    for perm in itertools.permutations(range(3)):
+        docs = [CAPITALS[i] for i in perm]
+        ranked = default_pipe.rerank("What is the capital of France?", docs)
+        assert docs[int(ranked.items[0].passage.id)] == CAPITALS[1], f"order {perm}: {ranked.ids}"
+        assert ranked.info["first_stage"] == "none"
+        assert set(ranked.info["weights"]) <= set(SIGNALS)
+
+
+@pytest.mark.slow
+def test_final_score_is_the_weighted_sum_of_the_reported_signals(default_pipe: Any, demo_passages: Any):
+    """What the evaluation suite recomputes offline is what the reranker returns."""
+    from rerank.records import Hit
+
+    ps = demo_passages[:8]
+    hits = [Hit(passage=p, score=10.0 - i, rank=i + 1) for i, p in enumerate(ps)]
+    ranked = default_pipe.rerank("How do plants turn sunlight into sugar?", hits)
+    w = ranked.info["weights"]
+    assert ranked.info["first_stage"] == ("scores" if "first_stage" in w else "none")
+    assert ranked.info["signals"]["dense"] == "encoded" and ranked.info["signals"]["bm25"] == "in-list"
+    names = list(ranked.items[0].signals)
+    signals = {k: np.array([it.signals[k] for it in ranked.items]) for k in names}
+    assert np.allclose(fuse(signals, w, len(ps)), [it.score for it in ranked.items])
+    assert [it.rank for it in ranked.items] == list(range(1, 9))
+
+
+@pytest.mark.slow
+def test_first_stage_order_and_weight_overrides(smol_model: Any, demo_passages: Any):
+    from rerank import Pipeline
+
+    ps = demo_passages[:6]
+    pipe = Pipeline.from_config(
+        "default", generator=None, probe={"first_stage": "order", "weights": {"first_stage": 1.0}}
+    )
+    pipe._model = smol_model
+    ranked = pipe.rerank("anything", ps)
+    # Only the given order is weighted: the list comes back as it was sent, and no probe pass ran.
+    assert ranked.ids == [p.id for p in ps]
+    assert ranked.info["first_stage"] == "order" and ranked.info["prompts"] == 0
+    assert ranked.info["weights"] == {"first_stage": 1.0}
+    with pytest.raises(ValueError, match="unknown signal"):
+        Pipeline.from_config("default", probe={"weights": {"cosine": 1}})
+
+
+@pytest.mark.slow
+def test_cascade_probes_only_the_best_window(smol_model: Any, demo_passages: Any):
+    from rerank import Pipeline
+
+    pipe = Pipeline.from_config(
+        "default", generator=None, probe={"cascade": True, "window_size": 5, "passage_max_tokens": 48}
+    )
+    pipe._model = smol_model
+    ranked = pipe.rerank("How do bees tell each other where the flowers are?", demo_passages[:12])
+    assert ranked.info["cascade"] == {"probed": 5, "of": 12}
+    assert ranked.info["windows"] == 1
+    probed = [it for it in ranked.items if it.prompt_position is not None]
+    assert len(probed) == 5 and [it.rank for it in probed] == [1, 2, 3, 4, 5]
+    scores = [it.score for it in ranked.items]
+    assert scores == sorted(scores, reverse=True)
+
+
+@pytest.mark.slow
+def test_a_random_weight_model_earns_no_probe_weight(tmp_path: Path, smol_model: Any):
+    """The fit gives a random-weight model's attention a weight within 0.1 of 0 on the shipped lists."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from calibration.lists import load_calibration_items
+    from rerank.config import CalibrationConfig, ProbeConfig
+    from rerank.engines import AttentionReranker
+    from rerank.fitting import fit_fusion_for
+    from rerank.probe.model import wrap_model
+
+    torch.manual_seed(0)
+    tok = smol_model.tokenizer
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=4096,
+    )
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="sdpa")
+    rr = AttentionReranker(
+        wrap_model(model, tok, "tiny-llama"),
+        ProbeConfig(prompt_order="both", passage_max_tokens=48),
+        CalibrationConfig(name="content-free"),
+    )
+    items = load_calibration_items()[-80:]
+    fusion = fit_fusion_for(rr, items, n_hard=80, n_retrieved=0, show_progress=False)
+    assert abs(fusion.weights["probe"]) <= 0.1
+    assert fusion.weights["dense"] > 0.1, "the real encoder still earns its weight"
+
+
+def test_fusion_lists_of_both_kinds_from_the_shipped_questions():
+    from calibration.lists import fusion_lists, has_answer, load_calibration_items
+    from retrievers.bm25 import BM25Retriever
+
+    items = load_calibration_items()[-60:]
+    pool = {p.id: p for it in items for p in (it.gold, *it.distractors)}
+    bm25 = BM25Retriever()
+    bm25.index(list(pool.values()), show_progress=False)
+    lists = fusion_lists(items, n_hard=10, n_retrieved=10, retriever=bm25)
+    hard = [lst for lst in lists if lst.source == "hard"]
+    got = [lst for lst in lists if lst.source == "retrieved"]
+    assert len(hard) == 10 and all(sum(lst.labels) == 1 and lst.first_stage is None for lst in hard)
+    assert len({lst.labels.index(1) for lst in hard}) > 3, "the gold passage sits at seeded random slots"
+    assert len(got) == 10 and not {lst.qid for lst in hard} & {lst.qid for lst in got}
+    for lst in got:
+        assert 0 < sum(lst.labels) < len(lst.labels)
+        assert list(lst.first_stage) == sorted(lst.first_stage, reverse=True)
+    assert has_answer("It opened in The Hague in 1899.", ["the hague"])
+    assert not has_answer("Hagues", ["Hague"])
