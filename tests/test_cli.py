@@ -14,12 +14,12 @@ from typing import Any
 
 import pytest
 
-from rerank.cli import common as cli_common
-from rerank.cli import inputs as cli_inputs
 from rerank.cli import main
-from rerank.cli import output as cli_output
-from rerank.cli.inputs import LineError, parse_request
-from rerank.cli.output import recover_output
+from rerank.core import common as cli_common
+from rerank.core import inputs as cli_inputs
+from rerank.core import output as cli_output
+from rerank.core.inputs import LineError, parse_request
+from rerank.core.output import recover_output
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO.parent / "shared" / "data"

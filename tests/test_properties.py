@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rerank.cli.inputs import LineError, _decode, scan_input
+from rerank.core.inputs import LineError, _decode, scan_input
 from rerank.records import Hit, Passage
 
 FAST = settings(
@@ -89,7 +89,7 @@ def test_decoder_over_arbitrary_json_values(value: Any, has_index: bool) -> None
 def test_scan_input_reports_every_bad_line_and_never_raises(
     tmp_path_factory: Any, lines: list[bytes]
 ) -> None:
-    from rerank.cli.output import ErrorLog
+    from rerank.core.output import ErrorLog
 
     d = tmp_path_factory.mktemp("scan")
     path = d / "in.jsonl"

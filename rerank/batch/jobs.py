@@ -2,11 +2,11 @@
 
 The run job keeps everything that makes the local engine's output trustworthy and changes only where
 the queries are reranked. The driver validates the whole input first (the local engine's
-:func:`~rerank.cli.inputs.scan_input`, so bad lines are reported with the same line numbers and
+:func:`~rerank.core.inputs.scan_input`, so bad lines are reported with the same line numbers and
 messages before any worker starts), skips the qids already in the output, and sends the pending lines
 to a pool of actors (:func:`~rerank.batch.ray_engine.rerank_dataset`). Results stream back in input
 order and the driver appends each one with the local engine's fsynced
-:class:`~rerank.cli.output.LineWriter`: one output file, in input order, identical to a local run's, and
+:class:`~rerank.core.output.LineWriter`: one output file, in input order, identical to a local run's, and
 resumable after a SIGKILL of the driver exactly as a local run is. Rows that fail on a worker go to the
 same errors file with the same wording.
 
@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from rerank.cli.common import StrictAbort, UsageError, positive_int
+from rerank.core.common import StrictAbort, UsageError, positive_int
 
 logger = logging.getLogger(__name__)
 

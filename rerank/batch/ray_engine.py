@@ -191,7 +191,7 @@ class QueryReranker:
         max_line_bytes: int = 1 << 20,
     ) -> None:
         _set_worker_env()
-        from rerank.cli.common import build_pipeline
+        from rerank.core.common import build_pipeline
 
         self.args = types.SimpleNamespace(
             index=Path(index_dir) if index_dir else None, max_line_bytes=max_line_bytes, top_k=top_k
@@ -201,7 +201,7 @@ class QueryReranker:
 
     def _retrieve(self, todo: list[Any]) -> tuple[dict[str, list[Any]], dict[str, str]]:
         """First-stage candidates of requests without candidates, as the local engine retrieves them."""
-        from rerank.cli.common import retrieve_for
+        from rerank.core.common import retrieve_for
 
         return retrieve_for(self.pipe, todo, self.config.retriever.top_k)
 
@@ -210,7 +210,7 @@ class QueryReranker:
         return os.getpid()
 
     def _parse(self, row: dict[str, Any], line: int) -> Any:
-        from rerank.cli.inputs import parse_request, read_requests
+        from rerank.core.inputs import parse_request, read_requests
 
         raw = row.get("raw", row.get("text"))
         has_index = self.args.index is not None
@@ -224,7 +224,7 @@ class QueryReranker:
     def __call__(self, batch: Any) -> Any:
         import pyarrow as pa
 
-        from rerank.cli.output import result_line
+        from rerank.core.output import result_line
         from rerank.records import Query
 
         out: list[dict[str, Any]] = []

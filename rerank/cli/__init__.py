@@ -20,7 +20,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from rerank.cli.common import (
+from rerank.core.common import (
     EXIT_CODES_HELP,
     EXIT_INTERRUPTED,
     EXIT_STRICT,

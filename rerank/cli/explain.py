@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from rerank.cli.common import EXIT_CODES_HELP, EXIT_OK, UsageError, load_cli_config, positive_int
+from rerank.core.common import EXIT_CODES_HELP, EXIT_OK, UsageError, load_cli_config, positive_int
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from rerank.batch.jobs import add_engine_arguments, index_builder
-from rerank.cli.common import EXIT_OK, UsageError, load_cli_config
+from rerank.core.common import EXIT_OK, UsageError, load_cli_config
 
 
 def cmd_index_build(args: argparse.Namespace) -> int:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from rerank.batch.jobs import add_engine_arguments, engine_process
-from rerank.cli.common import (
+from rerank.core.common import (
     EXIT_BAD_LINES,
     EXIT_CODES_HELP,
     EXIT_OK,
@@ -25,8 +25,8 @@ from rerank.cli.common import (
     positive_int,
     retrieve_for,
 )
-from rerank.cli.inputs import DEFAULT_MAX_LINE_BYTES, input_queries, read_requests, scan_input
-from rerank.cli.output import (
+from rerank.core.inputs import DEFAULT_MAX_LINE_BYTES, input_queries, read_requests, scan_input
+from rerank.core.output import (
     ErrorLog,
     LineWriter,
     check_errors_file,

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from rerank.cli.common import StrictAbort
+from rerank.core.common import StrictAbort
 
 if TYPE_CHECKING:
-    from rerank.cli.output import ErrorLog
+    from rerank.core.output import ErrorLog
 
 DEFAULT_MAX_LINE_BYTES = 1 << 20
 _TEXT_KEYS = ("contents", "text", "segment")

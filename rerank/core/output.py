@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from rerank.cli.common import UsageError
+from rerank.core.common import UsageError
 
 logger = logging.getLogger(__name__)
 
