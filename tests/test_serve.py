@@ -361,9 +361,28 @@ def test_health_info_metrics_docs(main: _Server, client: httpx.Client) -> None:
     ):
         assert name in metrics
     assert 'route="/health",status="200"' in metrics
-    assert client.get(f"{main.url}/docs").status_code == 200
-    paths = client.get(f"{main.url}/openapi.json").json()["paths"]
-    assert {"/v2/rerank", "/v1/rerank", "/rerank", "/health", "/info", "/metrics"} <= set(paths)
+    # With a key, the API description needs it too (no --public-docs here).
+    _assert_envelope(client.get(f"{main.url}/docs"), 401)
+    _assert_envelope(client.get(f"{main.url}/openapi.json"), 401)
+    page = client.get(f"{main.url}/docs", headers=AUTH)
+    assert page.status_code == 200
+    # Swagger UI from this server, never a CDN: /docs works offline.
+    assets = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+    assert assets and all(a.startswith("/docs/assets/") for a in assets), assets
+    for a in assets:
+        assert client.get(f"{main.url}{a}", headers=AUTH).status_code == 200, a
+    schema = client.get(f"{main.url}/openapi.json", headers=AUTH).json()
+    assert {"/v2/rerank", "/v1/rerank", "/rerank", "/health", "/info", "/metrics"} <= set(schema["paths"])
+    assert schema["components"]["securitySchemes"] == {"bearer": {"type": "http", "scheme": "bearer"}}
+    assert schema["security"] == [{"bearer": []}]
+
+
+def test_public_docs_opens_the_description_not_the_api(worker: InferenceWorker, client: httpx.Client) -> None:
+    for server in _serve(worker, api_key=KEY, public_docs=True):
+        assert client.get(f"{server.url}/docs").status_code == 200
+        assert client.get(f"{server.url}/openapi.json").status_code == 200
+        body = {"query": "q", "documents": ["d"]}
+        _assert_envelope(client.post(f"{server.url}/v2/rerank", json=body), 401)
 
 
 def test_health_503_while_loading_and_after_a_failed_load(
@@ -456,6 +475,42 @@ def test_v2_takes_strings_only_v1_takes_objects(main: _Server, client: httpx.Cli
     assert client.post(f"{main.url}/v1/rerank", json=fields, headers=AUTH).status_code == 200
 
 
+def test_lone_surrogates_are_400_on_every_rerank_route(main: _Server, client: httpx.Client) -> None:
+    """JSON can carry a lone surrogate (a valid Python str, not valid Unicode): a 400 naming the field,
+    never a 500 from the tokenizer."""
+    doc = b'{"query": "q", "documents": ["a\\ud800b", "Paris"]}'
+    query = b'{"query": "q\\udfff", "documents": ["Paris"]}'
+    for path in ("/v2/rerank", "/v1/rerank"):
+        err = _assert_envelope(
+            client.post(f"{main.url}{path}", content=doc, headers=AUTH), 400, "invalid_text"
+        )
+        assert err["param"] == "documents[0]" and "U+D800" in err["message"]
+        _assert_envelope(client.post(f"{main.url}{path}", content=query, headers=AUTH), 400, "invalid_text")
+    tei = client.post(f"{main.url}/rerank", content=b'{"query": "q", "texts": ["\\ud800"]}', headers=AUTH)
+    assert tei.status_code == 400 and set(tei.json()) == {"error", "error_type"}
+    assert client.get(f"{main.url}/health").status_code == 200
+
+
+def test_v1_returns_the_document_as_sent_with_rank_fields(main: _Server, client: httpx.Client) -> None:
+    docs = [{"title": "Germany", "body": "Berlin is its capital.", "id": "de"}, "Paris is in France."]
+    body = {"query": QUERY, "documents": docs, "rank_fields": ["title"], "return_documents": True}
+    body["documents"] = [docs[0], {"title": "France", "body": "Paris is its capital."}]
+    res = client.post(f"{main.url}/v1/rerank", json=body, headers=AUTH).json()
+    by_index = {r["index"]: r["document"] for r in res["results"]}
+    assert by_index[0] == docs[0], "the object as sent, not the 'title: Germany' text that was ranked"
+    plain = {"query": QUERY, "documents": DOCS[:2], "return_documents": True}
+    res = client.post(f"{main.url}/v1/rerank", json=plain, headers=AUTH).json()
+    assert {r["index"]: r["document"]["text"] for r in res["results"]} == {0: DOCS[0], 1: DOCS[1]}
+
+
+def test_404_and_405_answer_in_the_error_envelope(main: _Server, client: httpx.Client) -> None:
+    err = _assert_envelope(client.get(f"{main.url}/no/such/route", headers=AUTH), 404, "not_found")
+    assert "/v2/rerank" in err["message"]
+    _assert_envelope(client.get(f"{main.url}/v2/rerank", headers=AUTH), 405, "method_not_allowed")
+    tei = client.get(f"{main.url}/rerank", headers=AUTH)
+    assert tei.status_code == 405 and set(tei.json()) == {"error", "error_type"}
+
+
 def test_10000_documents_over_the_limit_is_422(main: _Server, client: httpx.Client) -> None:
     body = {"query": "q", "documents": ["d"] * 10_000}
     err = _assert_envelope(
@@ -471,6 +526,11 @@ def test_401(main: _Server, client: httpx.Client) -> None:
         client.post(f"{main.url}/v1/rerank", json=body, headers={"Authorization": "Bearer no"}), 401
     )
     _assert_envelope(client.get(f"{main.url}/info"), 401)
+    # The scheme is case-insensitive; the key is not.
+    for scheme in ("bearer", "BEARER", "Bearer"):
+        assert client.get(f"{main.url}/info", headers={"Authorization": f"{scheme} {KEY}"}).status_code == 200
+    _assert_envelope(client.get(f"{main.url}/info", headers={"Authorization": f"Bearer {KEY.upper()}"}), 401)
+    _assert_envelope(client.get(f"{main.url}/info", headers={"Authorization": f"Basic {KEY}"}), 401)
     tei = client.post(f"{main.url}/rerank", json={"query": "q", "texts": ["d"]})
     assert tei.status_code == 401 and set(tei.json()) == {"error", "error_type"}
     assert client.get(f"{main.url}/health").status_code == 200
@@ -554,6 +614,37 @@ def test_504_after_waiting_too_long(main: _Server, tight: _Server, client: httpx
     t.join(300)
     assert status == [200]
     _assert_envelope(resp, 504, "queue_timeout")
+
+
+def test_work_for_clients_that_left_is_dropped_or_stopped(
+    main: _Server, client: httpx.Client, worker: InferenceWorker
+) -> None:
+    """Six clients that give up while another request holds the model: none of their jobs runs. A
+    client that gives up during a many-window request stops it at the next window."""
+
+    def abandoned() -> float:
+        text = client.get(f"{main.url}/metrics").text
+        return float(re.search(r"attn_rerank_abandoned_requests_total (\S+)", text).group(1))
+
+    before = abandoned()
+    started = worker.jobs_started
+    t, status = _occupy(main, AUTH)
+    body = {"query": QUERY, "documents": DOCS}
+    for _ in range(6):
+        with pytest.raises(httpx.TimeoutException), httpx.Client(timeout=0.3) as quick:
+            quick.post(f"{main.url}/v2/rerank", json=body, headers=AUTH)
+    t.join(300)
+    assert status == [200]
+    _wait_until(lambda: main.state.gate.active == 0, "the abandoned requests to leave the gate")
+    assert worker.jobs_started == started + 1, "only the request whose client waited ran"
+    # A running many-window request stops at a window boundary once its client has gone.
+    interrupted = worker.jobs_interrupted
+    many = {"query": QUERY, "documents": _long_docs(120)}  # 6 windows
+    with pytest.raises(httpx.TimeoutException), httpx.Client(timeout=2.0) as quick:
+        quick.post(f"{main.url}/v2/rerank", json=many, headers=AUTH)
+    _wait_until(lambda: worker.jobs_interrupted == interrupted + 1, "the running job to stop", 120)
+    assert abandoned() == before + 7
+    assert client.post(f"{main.url}/v2/rerank", json=body, headers=AUTH).status_code == 200
 
 
 # ---------------------------------------------------------------------------------------------------

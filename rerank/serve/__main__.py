@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from rerank.cli.common import positive_int
+from rerank.core.common import positive_int
 
 __all__ = ["add_arguments", "build_parser", "run", "serve_main"]
 
@@ -60,7 +60,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--api-key",
         default=os.environ.get(API_KEY_ENV),
-        help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV}); /health and /metrics stay open",
+        help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV}); /health and /metrics stay "
+        "open, /docs too with --public-docs",
+    )
+    p.add_argument(
+        "--public-docs",
+        action="store_true",
+        help="with --api-key: serve /docs and /openapi.json without the key (the API still needs it)",
     )
     p.add_argument(
         "--auto-truncate",
@@ -119,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
             payload_limit=args.payload_limit,
             max_queue_ms=args.max_queue_ms,
             api_key=args.api_key or None,
+            public_docs=args.public_docs,
             auto_truncate=args.auto_truncate,
             drain_timeout_s=args.drain_timeout,
         )

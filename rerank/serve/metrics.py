@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = ["ServeMetrics"]
 
 # Seconds: the probe takes ~0.1-2 s per window on a CPU; queues can reach tens of seconds.
@@ -65,6 +67,31 @@ class ServeMetrics:
             namespace=ns,
             registry=self.registry,
         )
+
+        self.abandoned_requests = Counter(
+            "abandoned_requests",
+            "Rerank requests whose client disconnected before the answer (their job dropped or stopped)",
+            namespace=ns,
+            registry=self.registry,
+        )
+
+    def watch_worker(self, worker: Any) -> None:
+        """Export the worker's job counts: what the model actually ran, and what it stopped early."""
+        from prometheus_client import Gauge
+
+        ns = "attn_rerank"
+        Gauge(
+            "jobs_started", "Jobs the model worker started", namespace=ns, registry=self.registry
+        ).set_function(lambda: worker.jobs_started)
+        Gauge(
+            "jobs_interrupted",
+            "Started jobs stopped at a window boundary",
+            namespace=ns,
+            registry=self.registry,
+        ).set_function(lambda: worker.jobs_interrupted)
+
+    def abandoned(self) -> None:
+        self.abandoned_requests.inc()
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""

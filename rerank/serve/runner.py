@@ -19,6 +19,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from rerank.interrupt import Interrupted, interruptible
+
 __all__ = ["InferenceWorker", "NotReady", "Overloaded", "QueueTimeout", "RequestGate"]
 
 logger = logging.getLogger(__name__)
@@ -52,9 +54,13 @@ class _Job:
         self.finished: float | None = None
         self._lock = threading.Lock()
         self._cancelled = False
+        #: Set when the caller is gone: a running job stops at its next window (rerank.interrupt).
+        self.stop = threading.Event()
 
     def cancel(self) -> bool:
+        """Drop the job if it has not started (True); else ask it to stop at its next window (False)."""
         with self._lock:
+            self.stop.set()
             if self.started is not None:
                 return False
             self._cancelled = True
@@ -97,6 +103,8 @@ class InferenceWorker:
         self.loaded = threading.Event()
         # Exponential moving average of job seconds, for Retry-After hints.
         self.mean_job_s = 1.0
+        self.jobs_started = 0
+        self.jobs_interrupted = 0
 
     def start(self) -> InferenceWorker:
         """Start the thread (idempotent); loading begins at once."""
@@ -136,11 +144,15 @@ class InferenceWorker:
         if not job.begin():
             job.future.cancel()
             return
+        self.jobs_started += 1
         if job.on_start is not None:
             job.on_start()
         try:
-            result = job.fn(self.target)
-        except BaseException as exc:  # handed to the awaiting request, which turns it into a response
+            with interruptible(job.stop):
+                result = job.fn(self.target)
+        except BaseException as exc:
+            if isinstance(exc, Interrupted):
+                self.jobs_interrupted += 1  # handed to the awaiting request, which turns it into a response
             job.finished = time.perf_counter()
             job.future.set_exception(exc)
         else:
@@ -238,7 +250,8 @@ class RequestGate:
                     )
             result = await result_future
         except asyncio.CancelledError:
-            # The client went away: drop the job if it has not started; a started one runs to the end.
+            # The client went away: drop the job if it has not started; a started one stops at its next
+            # window boundary.
             if job is not None:
                 job.cancel()
             raise

@@ -15,7 +15,7 @@ a client did not ask for are left out rather than sent as ``null``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -45,6 +45,9 @@ class AttnOptions(BaseModel):
             ``top_n``; the pruned documents are left out of the results.
         top_k, threshold, mass, token_budget, min_keep: That policy's settings (defaults: the config's
             ``policy`` section).
+        first_stage: ``order``: the documents are sent already ranked, best first, and that order is
+            fused as the first-stage signal (``probe.first_stage: order``). Unset (the default, as
+            Cohere clients expect): the order carries no meaning.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
@@ -56,6 +59,7 @@ class AttnOptions(BaseModel):
     mass: float | None = Field(default=None, gt=0.0, le=1.0)
     token_budget: int | None = Field(default=None, ge=1)
     min_keep: int | None = Field(default=None, ge=0)
+    first_stage: Literal["order"] | None = None
 
 
 class _Body(BaseModel):
@@ -110,6 +114,9 @@ class AttnResult(BaseModel):
     calibrated_score: float | None = None
     prompt_position: int | None = None
     truncated: bool = False
+    signals: dict[str, float] = Field(
+        default_factory=dict, description="Each fused signal's raw value (probe, first_stage, bm25, dense)."
+    )
 
 
 class _V2Result(BaseModel):
@@ -127,7 +134,11 @@ class V2Response(BaseModel):
 
 
 class _DocText(BaseModel):
-    text: str
+    """The document as sent: ``text`` for a string, an object's own fields otherwise."""
+
+    model_config = ConfigDict(extra="allow")
+
+    text: str | None = None
 
 
 class _V1Result(_V2Result):

@@ -19,8 +19,10 @@ class ServeSettings(BaseModel):
         max_concurrent_requests: Rerank requests running or queued at once; one more gets 429.
         payload_limit: Largest request body in bytes; a larger one gets 413.
         max_queue_ms: A request that waited this long for the model gets 504 instead of a late answer.
-        api_key: When set, every route except ``/health``, ``/metrics`` and the OpenAPI pages needs
-            ``Authorization: Bearer <key>``.
+        api_key: When set, every route except ``/health`` and ``/metrics`` needs ``Authorization:
+            Bearer <key>`` (the scheme in any case); the OpenAPI pages too unless ``public_docs``.
+        public_docs: Serve ``/docs`` and ``/openapi.json`` without the key (the routes they describe
+            still need it; Swagger UI's Authorize button sends it).
         auto_truncate: TEI's ``--auto-truncate``: cut over-long texts on ``/rerank`` even when the
             request says ``truncate: false``.
         drain_timeout_s: On SIGTERM, how long to wait for requests in flight before exiting anyway.
@@ -35,5 +37,6 @@ class ServeSettings(BaseModel):
     payload_limit: int = Field(default=2_000_000, ge=1024)
     max_queue_ms: int = Field(default=30_000, ge=1)
     api_key: str | None = None
+    public_docs: bool = False
     auto_truncate: bool = False
     drain_timeout_s: float = Field(default=60.0, gt=0)
