@@ -36,6 +36,7 @@ SUITES: dict[str, str] = {
     "profile": "eval.profile:run",
     "shortlists": "eval.shortlists:run",
     "relevance": "eval.relevance:run",
+    "fusion": "eval.fusion:run",
 }
 
 

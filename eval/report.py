@@ -46,6 +46,45 @@ def table(result: dict[str, Any], metrics: list[str] | None = None) -> str:
     return "\n".join(lines)
 
 
+FUSION_ROWS = (
+    "given-order",
+    "encoder",
+    "probe",
+    "default",
+    "default-no-probe",
+    "fixed",
+    "all-signals",
+    "agreement",
+)
+
+
+def fusion_table(result: dict[str, Any]) -> str:
+    """The ``fusion`` suite: per set, each system scored and unscored, the default's differences with
+    their 95% paired-bootstrap intervals."""
+    out = []
+    for name, block in result["systems"].items():
+        kinds = [k for k in ("scored", "unscored", "all") if k in block]
+        metric = next(m for m in block[kinds[0]]["default"] if not m.startswith("minus_"))
+        head = f"\n**{name}** ({block.get('queries')} queries, {metric})\n\n| system | " + " | ".join(kinds)
+        lines = [head + " |", "|---" * (len(kinds) + 1) + "|"]
+        for row in FUSION_ROWS:
+            if not any(row in block[k] for k in kinds):
+                continue
+            cells = []
+            for k in kinds:
+                r = block[k].get(row, {})
+                cell = f"{r[metric]:.3f}" if metric in r else ""
+                diffs = [
+                    f"{m[6:]} {r[m]:+.3f} [{r[m + '_ci95'][0]:+.3f}, {r[m + '_ci95'][1]:+.3f}]"
+                    for m in r
+                    if m.startswith("minus_") and not m.endswith("_ci95")
+                ]
+                cells.append(cell + (" (vs " + "; ".join(diffs) + ")" if diffs else ""))
+            lines.append(f"| {row} | " + " | ".join(cells) + " |")
+        out.append("\n".join(lines))
+    return "\n".join(out) + "\n"
+
+
 def fresh_table(result: dict[str, Any], metrics: list[str] | None = None) -> str:
     """The position sweep on the questions not looked at while choosing the configuration."""
     fresh = result["fresh"]
@@ -179,7 +218,8 @@ def run(args: Namespace) -> dict[str, Any]:
         if "systems" not in r or "suite" not in r:
             continue
         quick = " (QUICK subset)" if r.get("config", {}).get("quick") else ""
-        parts.append(f"\n## {r['suite']}: {r['dataset']}{quick}\n\nFile: `{f.name}`\n\n{table(r)}\n")
+        shown = fusion_table(r) if r["suite"] == "fusion" else table(r)
+        parts.append(f"\n## {r['suite']}: {r['dataset']}{quick}\n\nFile: `{f.name}`\n\n{shown}\n")
         failed = (r.get("config") or {}).get("errors") or {}
         if failed:
             # A system that could not run is reported as failed, not left out of the table silently.
@@ -226,6 +266,8 @@ def run(args: Namespace) -> dict[str, Any]:
                 f"**speed** (`{f.name}`) — {r['dataset']}{quick}: seconds per query by list length\n\n"
                 f"{scaling_table(r)}\n"
             )
+        elif r["suite"] == "fusion":
+            summary.append(f"**fusion** (`{f.name}`) — {r['dataset']}\n{fusion_table(r)}")
         elif r["suite"] != "speed":
             where = " — on the lent GPU" if r["suite"] == "gpu-speed" else ""
             cpu = (r.get("machine") or {}).get("cpu")
