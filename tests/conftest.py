@@ -68,3 +68,25 @@ def smol_model():
     from rerank.probe.model import load_model
 
     return load_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(smol_model):
+    """A 2-layer random-weight Llama with SmolLM2's tokenizer, built from a config (no download)."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from rerank.probe.model import wrap_model
+
+    torch.manual_seed(0)
+    tok = smol_model.tokenizer
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=4096,
+    )
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="sdpa")
+    return wrap_model(model, tok, "tiny-llama")

@@ -181,8 +181,10 @@ def test_calibrate_command_fits_a_curve_for_the_asked_dtype(tmp_path):
     )
     out = tmp_path / "curves" / "tiny.json"
     args = ["calibrate", "--config", str(cfg), "--out", str(out), "--lists", "16", "--dtype", "float32"]
-    assert main([*args, "--no-progress"]) == 0
+    # A few hard lists for the fusion weights (the retrieved ones need the whole pool encoded).
+    assert main([*args, "--no-progress", "--fusion-hard", "12", "--fusion-retrieved", "0"]) == 0
     curve = BiasCurve.load(out)
+    assert curve.fusion is not None and curve.fusion.meta["lists_by_kind"] == {"hard": 12, "retrieved": 0}
     assert out.with_suffix(".png").stat().st_size > 0
     assert curve.meta["dtype"] == "float32" and curve.meta["layers"] == [0, 1]
     assert curve.meta["score_kind"] == "raw" and curve.lengths == [5, 10, 15, 20]
@@ -326,6 +328,7 @@ def test_calibrate_command_chooses_offsets_on_a_dev_sweep(tmp_path, capsys):
     args = ["calibrate", "--config", str(cfg), "--out", str(out), "--lists", "16", "--dtype", "float32"]
     store = tmp_path / "sweep.npz"
     args += ["--equalise-questions", "2", "--cache-dir", str(cache), "--no-progress"]
+    args += ["--fusion-hard", "0", "--fusion-retrieved", "0"]
     assert main([*args, "--sweep-store", str(store)]) == 0
     curve = BiasCurve.load(out)
     fit = curve.meta["fit"]

@@ -408,17 +408,21 @@ class AttentionReranker(BatchReranker):
                     # the rest keep their cheap scores, shifted to sit below the window's lowest.
                     sub = {k: (v[top] if v is not None else None) for k, v in signals.items()}
                     win = fuse(sub, weights, len(top))
-                    rest = [i for i in range(n) if i not in set(top)]
+                    probed = set(top)
+                    rest = [i for i in range(n) if i not in probed]
                     shift = min(win) - max(final[rest]) - 1.0
                     final[rest] += shift
                     final[top] = win
                     info["cascade"] = {"probed": len(top), "of": n}
                 else:
                     final = fuse(signals, weights, n)
+            # What the ranking's best candidates were fused from: the probed window's signals when
+            # the cascade cut the list (the probe's are NaN outside it).
+            shown = sub if "cascade" in info else signals
             used = {
                 k: weights[k]
                 for k in SIGNALS
-                if weights.get(k, 0) != 0 and standardise(signals.get(k)) is not None
+                if weights.get(k, 0) != 0 and standardise(shown.get(k)) is not None
             }
             info["first_stage"] = self.cfg.first_stage if "first_stage" in used else "none"
             info["weights"] = used
