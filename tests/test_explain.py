@@ -37,6 +37,9 @@ needs_chromium = pytest.mark.skipif(
 
 
 def _pipeline(smol_model, **probe) -> Pipeline:
+    # The explain page reads every window (it turns the cascade off), so the rankings it is compared
+    # with here are the reranker's without the cascade.
+    probe = {"cascade": False, **probe}
     cfg = load_config("default")
     cfg = cfg.model_copy(
         update={

@@ -126,7 +126,8 @@ def build_explanation(
         top_tokens: How many top tokens each passage lists.
 
     Returns:
-        The explanation; its per-passage scores, ranks and slots are the reranker's own output.
+        The explanation; its per-passage scores, ranks and slots are the reranker's own output with
+        the cascade off (the page shows every window the probe reads, so it reads them all).
 
     Raises:
         ValueError: The engine is not the attention probe, or there is nothing to rerank.
