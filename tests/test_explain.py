@@ -171,7 +171,10 @@ def test_page_renders_sorts_and_toggles_in_chromium(dl19_explained, tmp_path):
         r, g, b = img[..., 0], img[..., 1], img[..., 2]
         orange = (r > 200) & (g > 60) & (g < 190) & (b < 140) & (r - b > 90)  # heatmap and kept rows
         blue = (b > 150) & (r < 90) & (g > 100) & (g < 160)  # the bias curve
-        assert orange.sum() > 2000, "no heatmap colours in the screenshot"
+        # How much orange shows depends on which passages rank first (their heatmaps come first): with
+        # the fitted fusion the top three are lighter-shaded ones, ~1,900 px (2,000+ before); a page
+        # without heatmaps or kept-row marks has none.
+        assert orange.sum() > 1500, "no heatmap colours in the screenshot"
         assert blue.sum() > 200, "no bias curve in the screenshot"
         assert (img.sum(axis=-1) < 200).sum() > 5000, "no dark text in the screenshot"
         assert len(d.find_elements(By.CSS_SELECTOR, "#ranking tbody tr")) == 10

@@ -137,8 +137,8 @@ _JS = r"""
   root.appendChild(el("p", "hint",
     "Click a column to sort. Raw: attention the query paid to the passage. N/A: the attention a " +
     "content-free query pays it in the same slot. Calibrated: after the N/A correction and the bias curve " +
-    "(mean over prompt orders). Fused: the weighted sum of the standardised signals (the calibrated " +
-    "score, the first stage, in-list BM25, the encoder; weights under Run facts); the list is ordered by it. Slots: R = best-last prompt, F = first-stage-order prompt."));
+    "(mean over prompt orders). Fused: the weighted sum of the standardised signals (see Run facts); " +
+    "the list is ordered by it. Slots: R = best-last prompt, F = first-stage-order prompt."));
   var cols = [
     ["rank", "Rank", function (p) { return p.rank; }, function (v) { return String(v); }],
     ["id", "Passage", function (p) { return p.id; }, null],
