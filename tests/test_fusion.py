@@ -201,3 +201,20 @@ def test_fusion_lists_of_both_kinds_from_the_shipped_questions():
         assert list(lst.first_stage) == sorted(lst.first_stage, reverse=True)
     assert has_answer("It opened in The Hague in 1899.", ["the hague"])
     assert not has_answer("Hagues", ["Hague"])
+
+
+@pytest.mark.slow
+def test_an_interrupted_rerank_stops_at_a_window_boundary(smol_model: Any, demo_passages: Any):
+    import threading
+
+    from rerank import Pipeline
+    from rerank.interrupt import Interrupted, interruptible
+
+    pipe = Pipeline.from_config("default", generator=None, probe={"cascade": False, "window_size": 4})
+    pipe._model = smol_model
+    stop = threading.Event()
+    stop.set()
+    with interruptible(stop), pytest.raises(Interrupted):
+        pipe.rerank("How do bees tell each other where the flowers are?", demo_passages[:8])
+    ranked = pipe.rerank("How do bees tell each other where the flowers are?", demo_passages[:8])
+    assert ranked.info["windows"] == 2, "outside the block nothing stops it"
