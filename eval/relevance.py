@@ -109,7 +109,7 @@ def run(args: Namespace) -> dict[str, Any]:
     for name in names:
         _, probe_upd, other = VARIANTS[name]
         cal = cfg.calibration.model_copy(update=other.get("calibration", {}))
-        probe = cfg.probe.model_copy(update=probe_upd)
+        probe = cfg.probe.model_copy(update={"fusion": "fixed", "first_stage_weight": 1.0, **probe_upd})
         rr = AttentionReranker(model, probe, cal)
         rr.engine.memo = memo
         prompts: list[int] = []
@@ -124,7 +124,9 @@ def run(args: Namespace) -> dict[str, Any]:
         for label, r in zip(("", "_unfused"), runs[name], strict=True):
             row[f"scifact_ndcg@10{label}"] = ir_metrics(sf_qrels, r, ["ndcg@10"])["ndcg@10"]
         if items:
-            alone = AttentionReranker(model, probe.model_copy(update={"first_stage_weight": 0.0}), cal)
+            alone = AttentionReranker(
+                model, probe.model_copy(update={"first_stage_weight": 0.0, "fusion": "fixed"}), cal
+            )
             alone.engine.memo = memo
             bar = tqdm(items, desc=f"{name}: nq sweep", unit="question", disable=quick)
             hits, _ = _nq_sweep(alone, bar, nq_len)

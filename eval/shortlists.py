@@ -192,7 +192,7 @@ def run(args: Namespace) -> dict[str, Any]:
         sf_queries, sf_qrels = scifact_windows(args.data_dir, n_sf, "bm25")
     systems: dict[str, dict[str, Any]] = {}
     for name in names:
-        probe = cfg.probe.model_copy(update={"first_stage_weight": 0.0, **VARIANTS[name]})
+        probe = cfg.probe.model_copy(update={"first_stage_weight": 0.0, "fusion": "fixed", **VARIANTS[name]})
         cal = cfg.calibration
         if name == "candidate":
             cal = cal.model_copy(update={"curve": (str(curve),)})
