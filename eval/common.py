@@ -98,7 +98,17 @@ def with_passage_tokens(cfg: Any, opts: Mapping[str, str], quick: bool) -> Any:
     """``cfg`` (a :class:`rerank.config.PipelineConfig`) with its probe's ``passage_max_tokens`` set by
     :func:`passage_tokens`, so that the probe, the generator and the baselines all read the same text."""
     cap = passage_tokens(opts, quick, cfg.probe.passage_max_tokens)
-    return cfg.model_copy(update={"probe": cfg.probe.model_copy(update={"passage_max_tokens": cap})})
+    return cfg.model_copy(
+        update={"probe": fixed_fusion(cfg.probe).model_copy(update={"passage_max_tokens": cap})}
+    )
+
+
+def fixed_fusion(probe: Any) -> Any:
+    """``probe`` with the fixed fusion z(probe) + 1 x z(first stage) the probe suites (rerank, position,
+    qa, heads) were defined with, where it fuses fitted weights; ``python -m eval fusion`` measures those."""
+    if probe.fusion == "fitted" and probe.weights is None:
+        return probe.model_copy(update={"fusion": "fixed", "first_stage_weight": 1.0, "cascade": False})
+    return probe
 
 
 def check_opts(opts: Mapping[str, str], known: Iterable[str]) -> None:

@@ -31,7 +31,15 @@ from typing import Any
 
 import numpy as np
 
-from eval.common import REPO_ROOT, SuiteError, check_opts, get_opt, passage_tokens, per_query_metric
+from eval.common import (
+    REPO_ROOT,
+    SuiteError,
+    check_opts,
+    fixed_fusion,
+    get_opt,
+    passage_tokens,
+    per_query_metric,
+)
 from rerank.engines.attention import fuse_first_stage, merge_orders
 from rerank.engines.base import prompt_orders, to_candidate_order
 from rerank.probe.scoring import PassageStats, passage_scores, zscore
@@ -138,6 +146,7 @@ def run(args: Namespace) -> dict[str, Any]:
     n = int(get_opt(opts, "queries", 12 if args.quick else 150))
     cap = passage_tokens(opts, args.quick, MAX_TOKENS)
     cfg = load_config(Path(get_opt(opts, "config", str(REPO_ROOT / "configs" / "default.yaml"))))
+    cfg = cfg.model_copy(update={"probe": fixed_fusion(cfg.probe)})
     stages = [x.strip() for x in str(get_opt(opts, "first_stages", ",".join(FIRST_STAGES))).split(",") if x]
     unknown = [x for x in stages if x not in FIRST_STAGES]
     if unknown or "bm25" not in stages:
