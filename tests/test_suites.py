@@ -136,10 +136,12 @@ def test_position_suite(data_dir: Path, tmp_path: Path, smol_model, monkeypatch:
         "bm25",
         "probe-cv",
     }
+    from eval.common import fixed_fusion
     from rerank.config import load_config
 
     cfg = load_config(REPO / "configs" / "default.yaml")
-    assert r["config"]["first_stage_weight"] == cfg.probe.first_stage_weight > 0
+    # The suite measures the fixed fusion it was defined with (the default fuses fitted weights).
+    assert r["config"]["first_stage_weight"] == fixed_fusion(cfg.probe).first_stage_weight > 0
     # Nested CV: one pick per fold (3 folds of one question), each a kind/band/form of the grid.
     assert len(sys_["probe-cv"]["chosen"]) == 3
     assert all(len(c.split("/")) == 3 for c in sys_["probe-cv"]["chosen"])
