@@ -302,7 +302,7 @@ def test_heads_suite_reads_the_default_as_the_reranker_does(data_dir: Path, smol
     cfg = load_config(REPO / "configs" / "default.yaml")
     assert prompt_orders(cfg.probe) == ("reversed", "retriever")
     probe = cfg.probe.model_copy(
-        update={"passage_max_tokens": QUICK_PASSAGE_TOKENS, "first_stage_weight": 0.0}
+        update={"passage_max_tokens": QUICK_PASSAGE_TOKENS, "first_stage_weight": 0.0, "fusion": "fixed"}
     )
     rr = AttentionReranker(smol_model, probe, cfg.calibration)
     qs, _ = scifact_windows(data_dir, 2)
