@@ -172,7 +172,7 @@ def test_position_suite(data_dir: Path, tmp_path: Path, smol_model, monkeypatch:
     slot = 9
     # A quick sweep cuts passages short; the reranker reads them with the same budget.
     assert r["config"]["probe"]["passage_max_tokens"] == QUICK_PASSAGE_TOKENS
-    probe = cfg.probe.model_copy(
+    probe = fixed_fusion(cfg.probe).model_copy(
         update={"passage_max_tokens": QUICK_PASSAGE_TOKENS, "prompt_order": "reversed"}
     )
     rr = AttentionReranker(smol_model, probe, cfg.calibration)
