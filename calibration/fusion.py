@@ -126,6 +126,8 @@ class FusionWeights:
     weights: dict[str, float]
     ci: dict[str, tuple[float, float]] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    #: The adaptive second-order rule (:func:`fit_second_order`), or None where none was fitted.
+    second_order: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -133,6 +135,7 @@ class FusionWeights:
             "weights": {k: round(float(v), 6) for k, v in self.weights.items()},
             "ci95": {k: [round(float(a), 6), round(float(b), 6)] for k, (a, b) in self.ci.items()},
             "meta": self.meta,
+            **({"second_order": self.second_order} if self.second_order is not None else {}),
         }
 
     @classmethod
@@ -154,7 +157,83 @@ class FusionWeights:
                 raise ValueError(f"{where}.ci95.{k}: must be [low, high]")
             ci[str(k)] = (float(v[0]), float(v[1]))
         meta = d.get("meta", {})
-        return cls(weights=weights, ci=ci, meta=meta if isinstance(meta, dict) else {})
+        second = d.get("second_order")
+        if second is not None:
+            second = check_second_order(second, f"{where}.second_order")
+        return cls(weights=weights, ci=ci, meta=meta if isinstance(meta, dict) else {}, second_order=second)
+
+
+def check_second_order(d: Any, where: str = "second_order") -> dict[str, Any]:
+    """A stored second-order rule: ``margin`` (a finite number >= 0) and ``k`` (an int >= 1).
+
+    Raises:
+        ValueError: A missing or malformed field (the message names it).
+    """
+    if not isinstance(d, dict):
+        raise ValueError(f"{where}: must be an object, got {type(d).__name__}")
+    m, k = d.get("margin"), d.get("k")
+    if isinstance(m, bool) or not isinstance(m, int | float) or not math.isfinite(m) or m < 0:
+        raise ValueError(f"{where}.margin: must be a finite number >= 0, got {m!r}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"{where}.k: must be an integer >= 1, got {k!r}")
+    return dict(d)
+
+
+def ranked(scores: np.ndarray) -> list[int]:
+    """Indices by descending score, ties by position (the reranker's order)."""
+    return sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+
+
+def cut_margin(fused: np.ndarray, k: int, probe_weight: float) -> float:
+    """How far the fused scores are from changing the kept set: the gap between the ``k``-th and the
+    ``k+1``-th best, in units of the probe's weight (the part a second probe reading can move). ``inf``
+    when every candidate is kept or the probe has no weight."""
+    if len(fused) <= k or probe_weight == 0:
+        return math.inf
+    s = np.sort(np.asarray(fused, dtype=np.float64))[::-1]
+    return float((s[k - 1] - s[k]) / abs(probe_weight))
+
+
+def fit_second_order(
+    pairs: Sequence[tuple[Mapping[str, np.ndarray | None], np.ndarray, np.ndarray]],
+    weights: Mapping[str, float],
+    *,
+    k: int = 3,
+    agreement: float = 0.95,
+) -> dict[str, Any] | None:
+    """The adaptive second-order rule: read a window's second prompt order only when the first order's
+    fused :func:`cut_margin` is below ``margin``.
+
+    ``pairs``: per list, the cheap signals, the probe's reading from the first order alone and its
+    reading from both orders. ``margin`` is the smallest value for which the kept set (the ``k`` best)
+    agrees with the two-order reading's in at least ``agreement`` of the lists. None when the probe has
+    no weight (it is not read at all) or there are no lists.
+    """
+    wp = float(weights.get("probe", 0.0))
+    if wp == 0 or not pairs:
+        return None
+    margins, differ = [], []
+    for cheap, one, both in pairs:
+        n = len(one)
+        f1 = fuse({**cheap, "probe": one}, weights, n)
+        f2 = fuse({**cheap, "probe": both}, weights, n)
+        margins.append(cut_margin(f1, k, wp))
+        differ.append(set(ranked(f1)[:k]) != set(ranked(f2)[:k]))
+    m = np.asarray(margins)
+    d = np.asarray(differ)
+    allowed = int(math.floor((1.0 - agreement) * len(m) + 1e-9))
+    wrong = np.sort(m[d])[::-1]  # lists the first order alone gets wrong, surest first
+    margin = 0.0 if len(wrong) <= allowed else float(np.nextafter(wrong[allowed], math.inf))
+    read = m < margin
+    return {
+        "k": int(k),
+        "margin": margin,
+        "agreement_target": agreement,
+        "lists": len(m),
+        "kept_same_first_order_only": round(float(1.0 - d.mean()), 4),
+        "kept_same_adaptive": round(float(1.0 - (d & ~read).mean()), 4),
+        "second_order_rate": round(float(read.mean()), 4),
+    }
 
 
 def check_weights(weights: Any, where: str = "weights") -> dict[str, float]:

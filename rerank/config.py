@@ -129,6 +129,12 @@ class ProbeConfig(_Frozen):
         cascade: With more candidates than ``window_size``, the cheap signals order all of them and the
             probe reads only the best window; the others keep the cheap order below it. Off: every
             window is probed.
+        second_order: With ``prompt_order: both`` and fitted fusion weights: ``always`` reads both
+            orders of every window; ``adaptive`` reads the second only where the first order's fused
+            margin at the cut of the kept set (the ``top_k`` asked for, else the fitted ``k``) is below
+            the fitted ``margin`` (the curve's ``fusion.second_order``; ``attn-rerank calibrate``).
+        second_order_margin: Replaces the fitted margin (in units of the probe's weight; 0 = never read
+            the second order, a large value = always).
         rotations_up_to: Windows of 2 to this many candidates are read in all their cyclic rotations
             (one prefill each) instead of ``prompt_order``'s orders, so that every passage sits in every
             slot once and the list's order stops mattering; 0 = never (short lists are what RAG
@@ -164,6 +170,8 @@ class ProbeConfig(_Frozen):
     weights: dict[str, float] | None = None
     first_stage: Literal["scores", "order"] = "scores"
     cascade: bool = False
+    second_order: Literal["always", "adaptive"] = "always"
+    second_order_margin: float | None = Field(default=None, ge=0.0, allow_inf_nan=False)
     rotations_up_to: int = Field(default=0, ge=0)
     extra_orders: int = Field(default=0, ge=0, le=16)
     orders_early_exit: bool = False
@@ -177,6 +185,7 @@ class ProbeConfig(_Frozen):
         "passage_max_tokens",
         "window_size",
         "first_stage_weight",
+        "second_order_margin",
         "max_context_tokens",
         "rotations_up_to",
         "extra_orders",

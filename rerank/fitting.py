@@ -8,6 +8,7 @@ user's own JSONL.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -559,7 +560,7 @@ def fit_fusion_for(
     reranker would (``store``: see :func:`probe_readings`), the other signals are computed here, and
     :func:`calibration.fusion.fit_fusion` fits the weights.
     """
-    from calibration.fusion import LabelledList, fit_fusion
+    from calibration.fusion import LabelledList, fit_fusion, fit_second_order
     from calibration.lists import fusion_lists
     from rerank.engines.signals import cheap_signals
     from retrievers.hybrid import HybridRetriever
@@ -572,11 +573,14 @@ def fit_fusion_for(
     lists = fusion_lists(items, n_hard, n_retrieved, retriever=retriever)
     readings = probe_readings(reranker, lists, store=store, show_progress=show_progress)
     labelled = []
-    for lst, (merged, _orders) in zip(lists, readings, strict=True):
+    pairs = []
+    for lst, (merged, orders) in zip(lists, readings, strict=True):
         sig, _, _ = cheap_signals(
             lst.question, lst.passages, lst.first_stage, None, ("first_stage", "bm25", "dense"),
             dense=reranker.dense,
         )
+        if len(orders) == 2:
+            pairs.append((dict(sig), orders[0], merged))
         sig["probe"] = merged
         labelled.append(LabelledList(sig, np.asarray(lst.labels), lst.source))
     kinds = {k: sum(lst.source == k for lst in lists) for k in ("hard", "retrieved")}
@@ -587,4 +591,7 @@ def fit_fusion_for(
         "scores; retrieved: hybrid (BM25 + dense, RRF) top-20 over every passage of the lists, with the "
         "fused scores as first-stage scores, relevant = gold passage or one holding an answer string",
     }
-    return fit_fusion(labelled, meta=meta)
+    fitted = fit_fusion(labelled, meta=meta)
+    if reranker.cfg.prompt_order != "both" or len(pairs) != len(lists):
+        return fitted
+    return dataclasses.replace(fitted, second_order=fit_second_order(pairs, fitted.weights))

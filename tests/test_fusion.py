@@ -1,5 +1,6 @@
 """Fusion weights: the fit (model-free), the shipped weights, the reranker's use of them, unscored lists,
-``first_stage: order``, the cascade, and a random-weight model that must earn no trust."""
+``first_stage: order``, the cascade, a random-weight model that must earn no trust, and the adaptive
+second prompt order."""
 
 from __future__ import annotations
 
@@ -15,8 +16,11 @@ from calibration.fusion import (
     FusionWeights,
     LabelledList,
     check_weights,
+    cut_margin,
     fit_fusion,
+    fit_second_order,
     fuse,
+    ranked,
     standardise,
 )
 
@@ -83,6 +87,74 @@ def test_shipped_curves_carry_weights_with_their_data():
         assert "NQ-open dev" in fusion.meta["data"] and "DL19" not in fusion.meta["data"]
         assert fusion.meta["lists_by_kind"]["hard"] > 0 and fusion.meta["lists_by_kind"]["retrieved"] > 0
         assert fusion.weights["dense"] > 0, "the encoder earns weight on the calibration lists"
+
+
+def test_second_order_margin_is_the_smallest_that_meets_the_agreement():
+    """Lists where the second reading swaps the 3rd and 4th candidates: the fitted margin reads the
+    second order on exactly as many of them as the agreement target needs, the closest calls first."""
+    w = {"probe": 0.5, "dense": 1.0}
+    pairs = []
+    gaps = np.linspace(0.02, 1.0, 20)
+    for gap in gaps:
+        dense = np.array([4.0, 3.0, 2.0, 2.0 - gap, 0.0, -1.0, -2.0, -3.0])
+        one = np.zeros(8)  # the first order alone: flat, so the dense order decides (3rd before 4th)
+        both = np.zeros(8)
+        both[3] = 2.0 * gap + 1.0  # both orders lift the 4th candidate over the 3rd
+        pairs.append(({"dense": dense}, one, both))
+    for gap in gaps[:10]:  # lists the second reading does not change
+        pairs.append(({"dense": np.arange(8.0)[::-1] + gap}, np.zeros(8), np.zeros(8)))
+    rule = fit_second_order(pairs, w, k=3, agreement=0.9)
+    assert rule is not None and rule["k"] == 3 and rule["lists"] == 30
+    # 30 lists at 90%: 3 may stay wrong, so the 17 smallest margins of the 20 changed lists are read.
+    margins = sorted(cut_margin(fuse({**c, "probe": o}, w, 8), 3, 0.5) for c, o, _ in pairs[:20])
+    assert margins[16] < rule["margin"] <= margins[17]
+    assert rule["kept_same_adaptive"] >= 0.9
+    assert rule["kept_same_first_order_only"] == pytest.approx(1 / 3, abs=1e-4)
+    assert fit_second_order(pairs, {"probe": 0.0, "dense": 1.0}) is None, "an unread probe needs no rule"
+    assert cut_margin(np.array([3.0, 2.0, 1.0]), 3, 1.0) == float("inf"), "every candidate kept"
+    assert ranked(np.array([1.0, 2.0, 2.0])) == [1, 2, 0]
+    block = FusionWeights(w, second_order=rule).to_json()
+    assert FusionWeights.from_json(json.loads(json.dumps(block))).second_order == rule
+    with pytest.raises(ValueError, match="second_order.margin"):
+        FusionWeights.from_json({**block, "second_order": {"k": 3, "margin": -1}})
+
+
+@pytest.mark.slow
+def test_adaptive_second_order_reads_it_only_where_the_kept_set_is_close(smol_model: Any):
+    """Two shipped calibration lists, one far from its top-3 cut after the first order and one close to
+    it: the first is read once, the second twice, and each ranking is the fusion of what was read."""
+    from calibration.lists import fusion_lists, load_calibration_items
+    from rerank import Pipeline
+    from rerank.engines.attention import merge_orders, trace_probes
+    from rerank.engines.signals import cheap_signals
+
+    pipe = Pipeline(Pipeline.from_config("default", generator=None).config, model=smol_model)
+    rr = pipe.reranker
+    rule = rr.curve.fusion.second_order
+    assert rr.cfg.second_order == "adaptive" and rule["k"] == 3 and 0 < rule["second_order_rate"] < 1
+    lists = fusion_lists(load_calibration_items(), n_hard=60, n_retrieved=0)
+    reads = {}
+    for lst in (lists[3], lists[4]):
+        with trace_probes() as traces:
+            out = rr.rerank(lst.question, list(lst.passages))
+        reads[lst.qid] = out.info["prompts"]
+        assert out.info["second_order"]["read"] == out.info["prompts"] - 1
+        sig, _, _ = cheap_signals(
+            lst.question, list(lst.passages), None, None, ("bm25", "dense"), dense=rr.dense
+        )
+        pos = {p.id: i for i, p in enumerate(lst.passages)}
+        per_order = []
+        for tr in traces:
+            cal = np.zeros(len(pos))
+            cal[[pos[p.id] for p in tr.passages]] = tr.calibrated
+            per_order.append(cal)
+        w = rr.fusion_weights()
+        first = fuse({**sig, "probe": per_order[0]}, w, len(pos))
+        assert (cut_margin(first, 3, w["probe"]) < rule["margin"]) == (len(traces) == 2)
+        expect = fuse({**sig, "probe": merge_orders(per_order)}, w, len(pos))
+        got = {it.passage.id: it.score for it in out.items}
+        assert np.allclose([got[p.id] for p in lst.passages], expect)
+    assert sorted(reads.values()) == [1, 2], f"both branches on the shipped lists: {reads}"
 
 
 @pytest.fixture(scope="module")
@@ -155,8 +227,8 @@ def test_cascade_probes_only_the_best_window(smol_model: Any, demo_passages: Any
     pipe._model = smol_model
     ranked = pipe.rerank("How do bees tell each other where the flowers are?", demo_passages[:12])
     assert ranked.info["cascade"] == {"probed": 5, "of": 12}
-    assert "probe" in ranked.info["weights"] and ranked.info["prompts"] == 2
-    assert ranked.info["windows"] == 1
+    assert "probe" in ranked.info["weights"]
+    assert ranked.info["windows"] == 1 and ranked.info["prompts"] == 1 + ranked.info["second_order"]["read"]
     probed = [it for it in ranked.items if it.prompt_position is not None]
     assert len(probed) == 5 and [it.rank for it in probed] == [1, 2, 3, 4, 5]
     scores = [it.score for it in ranked.items]

@@ -155,6 +155,14 @@ def _print_fusion(fusion: Any) -> None:
         print(
             f"fusion weight {name}: {w:.3f} (95% CI with every signal: {lo:.3f} to {hi:.3f})", file=sys.stderr
         )
+    so = fusion.second_order
+    if so is not None:
+        print(
+            f"second prompt order read where the top-{so['k']} margin < {so['margin']:.3f}: "
+            f"{so['second_order_rate']:.0%} of the calibration lists; kept set as with both orders in "
+            f"{so['kept_same_adaptive']:.0%} (first order alone: {so['kept_same_first_order_only']:.0%})",
+            file=sys.stderr,
+        )
 
 
 def _weights_for(args: argparse.Namespace, cfg: Any, model: Any, items: list[Any], label: str | None) -> int:

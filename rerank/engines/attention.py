@@ -9,7 +9,7 @@ import hashlib
 import importlib.resources
 import logging
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from calibration.curve import MATCH_KEYS, BiasCurve, pick_compatible
-from calibration.fusion import SIGNALS, fuse, standardise
+from calibration.fusion import SIGNALS, cut_margin, fuse, standardise
 from rerank.config import CalibrationConfig, PipelineConfig, ProbeConfig
 from rerank.engines.base import (
     PROBE_ENGINES,
@@ -28,6 +28,7 @@ from rerank.engines.base import (
     check_top_k,
     given_signals,
     probe_windows,
+    prompt_orders,
     prompt_slots,
     split_candidates,
     to_candidate_order,
@@ -139,6 +140,21 @@ def merge_orders(per_order: Sequence[np.ndarray]) -> np.ndarray:
     if len(per_order) == 1:
         return per_order[0]
     return np.mean([zscore(c) for c in per_order], axis=0)
+
+
+def _second_order_test(
+    adaptive: tuple[Mapping[str, np.ndarray | None], Mapping[str, float], float, int], idx: Sequence[int]
+) -> Callable[[np.ndarray], bool]:
+    """The adaptive rule for the window ``idx``: given the first order's calibrated scores, whether the
+    fused margin at the cut of the kept set is small enough to read the second order."""
+    cheap, weights, margin, cut = adaptive
+    sub = {s: (v[list(idx)] if v is not None else None) for s, v in cheap.items()}
+
+    def more(first: np.ndarray) -> bool:
+        fused = fuse({**sub, "probe": first}, weights, len(first))
+        return cut_margin(fused, cut, weights["probe"]) < margin
+
+    return more
 
 
 @PROBE_ENGINES.register("attention")
@@ -254,21 +270,35 @@ class AttentionReranker(BatchReranker):
         return self._read_window(query, passages)[:3]
 
     def _read_window(
-        self, query: str, passages: Sequence[Passage]
+        self,
+        query: str,
+        passages: Sequence[Passage],
+        more: Callable[[np.ndarray], bool] | None = None,
     ) -> tuple[np.ndarray, np.ndarray, list[int], int]:
-        """:meth:`score_window`, and how many prompts were read."""
+        """:meth:`score_window`, and how many prompts were read. ``more``: with ``prompt_order: both``,
+        called with the first order's calibrated scores (candidate order); the second order is read only
+        when it returns True (the adaptive rule)."""
         n = len(passages)
         orders = window_orders(n, self.cfg)
+        if more is not None and orders == prompt_orders(self.cfg) and len(orders) == 2:
+            first = self._read_orders(query, passages, orders[:1])
+            if not more(first[1][0]):
+                raw_s, cal_s = first
+                pos = [int(x) for x in to_candidate_order(np.arange(n), orders[0])]
+                return raw_s[0], cal_s[0], pos, 1
+            rest = self._read_orders(query, passages, orders[1:])
+            pos = [int(x) for x in to_candidate_order(np.arange(n), orders[0])]
+            raws, cals = first[0] + rest[0], first[1] + rest[1]
+            return np.mean(raws, axis=0), merge_orders(cals), pos, 2
         extras = sum(o.startswith("shuffle") for o in orders)
         early = self.cfg.orders_early_exit and extras > 0
         raws: list[np.ndarray] = []
         cals: list[np.ndarray] = []
 
         def read(batch: Sequence[str]) -> None:
-            scored = self._probe_scores(query, [[passages[c] for c in prompt_slots(n, o)] for o in batch])
-            for order, (raw_s, cal_s) in zip(batch, scored, strict=True):
-                raws.append(to_candidate_order(raw_s, order))
-                cals.append(to_candidate_order(cal_s, order))
+            r, c = self._read_orders(query, passages, batch)
+            raws.extend(r)
+            cals.extend(c)
 
         read(orders[: len(orders) - extras] if early else orders)
         if early and len({int(np.argmax(c)) for c in cals}) > 1:
@@ -282,6 +312,47 @@ class AttentionReranker(BatchReranker):
                 top = now
         pos = [int(x) for x in to_candidate_order(np.arange(n), orders[0])]
         return np.mean(raws, axis=0), merge_orders(cals), pos, len(cals)
+
+    def _read_orders(
+        self, query: str, passages: Sequence[Passage], orders: Sequence[str]
+    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Raw and calibrated scores of each prompt order (candidate order)."""
+        n = len(passages)
+        scored = self._probe_scores(query, [[passages[c] for c in prompt_slots(n, o)] for o in orders])
+        raws = [to_candidate_order(r, o) for o, (r, _) in zip(orders, scored, strict=True)]
+        cals = [to_candidate_order(c, o) for o, (_, c) in zip(orders, scored, strict=True)]
+        return raws, cals
+
+    def second_order_rule(
+        self, weights: Mapping[str, float] | None, top_k: int | None
+    ) -> tuple[float, int] | None:
+        """``(margin, k)`` of the adaptive second-order rule, or None where every order is read
+        (``second_order: always``, one prompt order, fixed fusion, or a probe of weight 0).
+
+        Raises:
+            ValueError: ``second_order: adaptive`` without ``second_order_margin`` and a curve with no
+                fitted rule.
+        """
+        if (
+            self.cfg.second_order != "adaptive"
+            or self.cfg.prompt_order != "both"
+            or self.cfg.extra_orders
+            or weights is None
+            or weights.get("probe", 0) == 0
+        ):
+            return None
+        fitted = self.curve.fusion.second_order if self.curve is not None and self.curve.fusion else None
+        if self.cfg.second_order_margin is not None:
+            margin = self.cfg.second_order_margin
+        elif fitted is not None:
+            margin = float(fitted["margin"])
+        else:
+            raise ValueError(
+                "probe.second_order is 'adaptive' but the curve has no fitted second-order rule; refit it "
+                "with `attn-rerank calibrate`, set probe.second_order_margin, or use second_order: always"
+            )
+        k = top_k if top_k is not None else int(fitted["k"]) if fitted is not None else 3
+        return margin, k
 
     def score_in_prompt_order(self, query: str, passages: Sequence[Passage]) -> np.ndarray:
         """Calibrated scores of ``passages`` probed in exactly the given prompt order (iterative sorting)."""
@@ -303,10 +374,14 @@ class AttentionReranker(BatchReranker):
         return dict(fitted.weights)
 
     def _probe_windows(
-        self, query: str, ps: Sequence[Passage]
+        self,
+        query: str,
+        ps: Sequence[Passage],
+        adaptive: tuple[Mapping[str, np.ndarray | None], Mapping[str, float], float, int] | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int], int, int]:
         """Raw, calibrated and merged (standardised per window) probe scores, prompt slots, windows and
-        prompts read, in candidate order."""
+        prompts read, in candidate order. ``adaptive``: the cheap signals of ``ps``, the weights, the
+        margin and ``k`` of the second-order rule (see :meth:`second_order_rule`)."""
         raw = np.empty(len(ps))
         cal = np.empty(len(ps))
         merged = np.empty(len(ps))
@@ -316,7 +391,10 @@ class AttentionReranker(BatchReranker):
         for win in windows:
             check_interrupt()  # a caller that has gone stops the work at a window boundary
             idx = list(win)
-            r, c, p, k = self._read_window(query, [ps[i] for i in idx])
+            more = None
+            if adaptive is not None:
+                more = _second_order_test(adaptive, idx)
+            r, c, p, k = self._read_window(query, [ps[i] for i in idx], more)
             prompts += k
             raw[idx], cal[idx] = r, c
             # A window of one passage has no spread to standardise by: zscore puts it at the mean (0).
@@ -396,7 +474,16 @@ class AttentionReranker(BatchReranker):
                     top = sorted(range(n), key=lambda i: (-final[i], i))[: self.cfg.window_size]
                 else:
                     top = list(range(n))
-                r, c, m, p, windows, prompts = self._probe_windows(q.text, [ps[i] for i in top])
+                rule = self.second_order_rule(weights, top_k)
+                adaptive = None
+                if rule is not None:
+                    cheap = {k: (v[top] if v is not None else None) for k, v in signals.items()}
+                    adaptive = (cheap, weights, *rule)
+                r, c, m, p, windows, prompts = self._probe_windows(
+                    q.text, [ps[i] for i in top], adaptive
+                )
+                if rule is not None:
+                    info["second_order"] = {"margin": rule[0], "k": rule[1], "read": prompts - windows}
                 raw[top], cal[top] = r, c
                 probe = np.full(n, np.nan)
                 probe[top] = m

@@ -186,8 +186,10 @@ def build_explanation(
             tr = traces[t] if t < len(traces) else None
             cand_of_slot = [idx[c] for c in prompt_slots(len(idx), order)]
             if tr is None or [p.id for p in tr.passages] != [ps[c].id for c in cand_of_slot]:
-                if cfg.orders_early_exit and order.startswith("shuffle") and k > 0:
-                    break  # the reranker stopped reading this window's extra orders early
+                if k > 0 and (
+                    (cfg.orders_early_exit and order.startswith("shuffle")) or cfg.second_order == "adaptive"
+                ):
+                    break  # the reranker stopped reading this window's orders early
                 raise RuntimeError("the probed prompts do not match the reranker's windows; cannot explain")
             t += 1
             out, stats = tr.output, tr.stats
