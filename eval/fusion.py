@@ -14,7 +14,9 @@ that this is what :meth:`AttentionReranker.rerank` returns):
 * ``default``: the fitted weights; ``default-no-probe``: the same without the probe (the probe's
   marginal contribution); ``fixed``: the previous default, z(probe) + 1 x z(first stage, or in-list BM25
   without one); ``all-signals``: every signal at its weight before the drop rule; ``agreement``: the
-  probe's weight scaled per list by the Spearman agreement of its two prompt orders (clipped at 0).
+  probe's weight scaled per list by the Spearman agreement of its two prompt orders (clipped at 0);
+  ``default-adaptive``: the default reading the second prompt order only where the curve's fitted rule
+  says (``probe.second_order: adaptive``), and ``default-first-order``: the first order alone.
 
 Each set is scored twice: ``scored`` (the first stage's scores given) and ``unscored`` (plain strings).
 Sets (``--opt sets=a,b``): ``nq`` (5-fold cross-validation over the 120 fitting lists: weights fitted on
@@ -49,6 +51,8 @@ COMPARE = (
     ("default", "fixed"),
     ("all-signals", "default"),
     ("agreement", "default"),
+    ("default-adaptive", "default"),
+    ("default-first-order", "default"),
 )
 
 
@@ -105,11 +109,30 @@ class Scorer:
             )
             self.cheap_seconds.append(secs)
             agree = 1.0
+            orders = None
             if reading is not None:
                 sig["probe"], orders = reading
                 agree = _spearman(orders[0], orders[1]) if len(orders) > 1 else 1.0
-            out.append({"signals": sig, "agreement": agree})
+            out.append({"signals": sig, "agreement": agree, "orders": orders})
         return out
+
+
+def second_order_of(sig: dict[str, Any], fusion: Any) -> tuple[np.ndarray, bool] | None:
+    """The adaptive default's scores of one list and whether it reads the second order (the rule of
+    :meth:`AttentionReranker.second_order_rule` at the fitted ``k``); None without a fitted rule."""
+    from calibration.fusion import cut_margin, fuse
+
+    rule = fusion.second_order
+    orders = sig.get("orders")
+    s, w = sig["signals"], dict(fusion.weights)
+    if orders is not None and w.get("probe", 0) == 0:
+        return fuse(s, w, len(orders[0])), False  # the probe is not read at all
+    if rule is None or orders is None or len(orders) != 2:
+        return None
+    one = fuse({**s, "probe": orders[0]}, w, len(orders[0]))
+    if cut_margin(one, int(rule["k"]), w["probe"]) < float(rule["margin"]):
+        return fuse(s, w, len(orders[0])), True
+    return one, False
 
 
 def systems_of(sig: dict[str, Any], fusion: Any, scored: bool) -> dict[str, np.ndarray]:
@@ -132,6 +155,10 @@ def systems_of(sig: dict[str, Any], fusion: Any, scored: bool) -> dict[str, np.n
             agreement=fuse(s, {**w, "probe": w.get("probe", 0.0) * max(0.0, sig["agreement"])}, n),
         )
         out["all-signals"] = fuse(s, fusion.meta["rounds"][0]["weights"], n)
+    adaptive = second_order_of(sig, fusion)
+    if adaptive is not None:
+        out["default-adaptive"] = adaptive[0]
+        out["default-first-order"] = fuse({**s, "probe": sig["orders"][0]}, w, n)
     return out
 
 
@@ -188,6 +215,9 @@ def score_set(
         out["scored" if scored else "unscored"] = _table(_per_query(lists, runs, metric, measure), metric)
         if scored:
             out["orders_agreement_mean"] = round(float(np.mean([s["agreement"] for s in sigs])), 3)
+        reads = [a[1] for a in (second_order_of(s, fusion) for s in sigs) if a is not None]
+        if reads:
+            out[f"second_order_rate_{'scored' if scored else 'unscored'}"] = round(float(np.mean(reads)), 4)
     return out
 
 
@@ -251,7 +281,7 @@ def _dl19_lists(data_dir: Path, depth: int) -> list[EvalList]:
 def _nq_cv(sc: Scorer, fusion: Any) -> dict[str, Any]:
     """5-fold cross-validation over the fusion fitting lists (a choosing set: weights never see the fold
     they are scored on)."""
-    from calibration.fusion import FusionWeights, LabelledList, fit_fusion
+    from calibration.fusion import FusionWeights, LabelledList, fit_fusion, fit_second_order
     from calibration.lists import fusion_lists, load_calibration_items
     from retrievers.hybrid import HybridRetriever
 
@@ -276,6 +306,8 @@ def _nq_cv(sc: Scorer, fusion: Any) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     fold = rng.permutation(len(lists)) % FOLDS
     runs: list[dict[str, np.ndarray]] = [{} for _ in lists]
+    folds: list[Any] = [None] * len(lists)
+    rules: list[dict[str, Any] | None] = []
     for k in range(FOLDS):
         train = [
             LabelledList(sigs[i]["signals"], np.array(flists[i].labels))
@@ -283,10 +315,25 @@ def _nq_cv(sc: Scorer, fusion: Any) -> dict[str, Any]:
             if fold[i] != k
         ]
         fitted: FusionWeights = fit_fusion(train)
+        pairs = [
+            (dict(sigs[i]["signals"], probe=None), sigs[i]["orders"][0], sigs[i]["signals"]["probe"])
+            for i in range(len(lists))
+            if fold[i] != k and sigs[i]["orders"] is not None and len(sigs[i]["orders"]) == 2
+        ]
+        fitted = replace(fitted, second_order=fit_second_order(pairs, fitted.weights))
+        rules.append(fitted.second_order)
         for i in np.flatnonzero(fold == k):
             runs[i] = systems_of(sigs[i], fitted, flists[i].first_stage is not None)
+            folds[i] = fitted
     per = _per_query(lists, runs, "ndcg@10")
-    return {"queries": len(lists), "folds": FOLDS, "all": _table(per, "ndcg@10")}
+    reads = [a[1] for a in (second_order_of(sigs[i], folds[i]) for i in range(len(lists))) if a is not None]
+    return {
+        "queries": len(lists),
+        "folds": FOLDS,
+        "second_order_margins": [r["margin"] if r else None for r in rules],
+        "second_order_rate": round(float(np.mean(reads)), 4) if reads else None,
+        "all": _table(per, "ndcg@10"),
+    }
 
 
 def _demo(sc: Scorer, pipe: Any, fusion: Any) -> dict[str, Any]:

@@ -683,7 +683,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if opts.get("only") == "throughput":
         from eval.throughput import run_throughput
 
-        check_opts(opts, ["only", "queries20", "queries100", "threads"])
+        check_opts(opts, ["only", "queries20", "queries100", "threads", "systems"])
         started = time.perf_counter()
         out = run_throughput(Path(args.data_dir), opts, bool(args.quick))
         out["config"]["wall_seconds"] = round(time.perf_counter() - started, 1)

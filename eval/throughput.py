@@ -4,7 +4,9 @@ The shipped reranker (``configs/default.yaml``: both prompt orders, ``N/A`` pass
 DL19's BM25 top-20 (every query, one window) and top-100 (the first ``queries100`` queries, five
 windows of 20), each list timed end to end (``.rerank``), under these systems:
 
-* ``default``: the shipped config, each prompt of a window probed one at a time;
+* ``default``: the shipped config, each prompt of a window probed one at a time (the second prompt
+  order only where the adaptive rule reads it: ``prompts_per_query``);
+* ``both-orders``: the same reading both prompt orders of every window (``second_order: always``);
 * ``batched``: the same with ``probe.batch_prompts: true`` (the two prompt orders of a window, and
   their ``N/A`` twins, as one batch each);
 * ``prefix-reuse``: the default with the probe keeping the previous prompt's KV cache and forwarding
@@ -21,7 +23,8 @@ included), ``ratio_vs_default`` (queries/s over the default's: above 1 is faster
 ``cost_vs_plain_prefill`` (seconds per query over one plain prefill's), and for ``batched`` and
 ``prefix-reuse`` ``max_abs_score_difference`` against ``default`` and ``same_ranking`` (share of queries
 with the same order). Options: ``queries20`` (default all 43; quick 2), ``queries100`` (default 10; quick 1),
-``threads`` (torch threads; 0 = torch's default). ``queries100=0`` skips the top-100 part.
+``threads`` (torch threads; 0 = torch's default), ``systems`` (comma-separated; ``default`` and
+``plain-prefill`` are always run). ``queries100=0`` skips the top-100 part.
 """
 
 from __future__ import annotations
@@ -30,10 +33,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from eval.common import RssPeak, get_opt, ir_metrics
+from eval.common import RssPeak, SuiteError, get_opt, ir_metrics
 
-SYSTEMS = ("default", "batched", "prefix-reuse", "plain-prefill")
-RERANKERS = SYSTEMS[:-1]
+ALL_SYSTEMS = ("default", "both-orders", "batched", "prefix-reuse", "plain-prefill")
 
 
 def run_throughput(data_dir: Path, opts: dict[str, Any], quick: bool) -> dict[str, Any]:
@@ -52,18 +54,29 @@ def run_throughput(data_dir: Path, opts: dict[str, Any], quick: bool) -> dict[st
     n20 = int(get_opt(opts, "queries20", 2 if quick else 0))
     n100 = int(get_opt(opts, "queries100", 1 if quick else 10))
     threads = int(get_opt(opts, "threads", 0))
+    wanted = set(str(get_opt(opts, "systems", ",".join(ALL_SYSTEMS))).split(","))
+    wanted |= {"default", "plain-prefill"}
+    unknown = sorted(wanted - set(ALL_SYSTEMS))
+    if unknown:
+        raise SuiteError(f"unknown systems {unknown}; choose from: {', '.join(ALL_SYSTEMS)}")
+    SYSTEMS = tuple(s for s in ALL_SYSTEMS if s in wanted)
+    RERANKERS = SYSTEMS[:-1]
     cfg = load_config("default")
     if threads:
         cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"threads": threads})})
     model = load_model(cfg.model)
-    rerankers = {
-        "default": AttentionReranker(model, cfg.probe, cfg.calibration),
-        "batched": AttentionReranker(
-            model, cfg.probe.model_copy(update={"batch_prompts": True}), cfg.calibration
-        ),
-        "prefix-reuse": AttentionReranker(model, cfg.probe, cfg.calibration),
+    variants = {
+        "default": {},
+        "both-orders": {"second_order": "always"},
+        "batched": {"batch_prompts": True},
+        "prefix-reuse": {},
     }
-    rerankers["prefix-reuse"].engine.reuse_prefix = True
+    rerankers = {
+        name: AttentionReranker(model, cfg.probe.model_copy(update=variants[name]), cfg.calibration)
+        for name in RERANKERS
+    }
+    if "prefix-reuse" in rerankers:
+        rerankers["prefix-reuse"].engine.reuse_prefix = True
     queries, qrels = load_dl19(data_dir)
 
     def hits(q: dict[str, Any], depth: int) -> list[Hit]:
@@ -100,6 +113,7 @@ def run_throughput(data_dir: Path, opts: dict[str, Any], quick: bool) -> dict[st
         peaks = {name: 0.0 for name in SYSTEMS}
         runs: dict[str, dict[str, dict[str, float]]] = {name: {} for name in RERANKERS}
         scores: dict[str, dict[str, dict[str, float]]] = {name: {} for name in RERANKERS}
+        prompts: dict[str, int] = {name: 0 for name in RERANKERS}
         warm = queries[-1]
         for rr in rerankers.values():
             rr.rerank(warm["query"], hits(warm, depth))
@@ -119,6 +133,7 @@ def run_throughput(data_dir: Path, opts: dict[str, Any], quick: bool) -> dict[st
                     # Rank-derived scores: trec_eval would reorder score ties by doc id.
                     runs[name][q["qid"]] = {it.passage.id: 1.0 / it.rank for it in ranked.items}
                     scores[name][q["qid"]] = {it.passage.id: it.score for it in ranked.items}
+                    prompts[name] += ranked.info["prompts"]
             print(
                 f"@{depth} {qi + 1}/{len(chosen)}: "
                 + ", ".join(f"{k} {seconds[k] / (qi + 1):.2f} s/q" for k in SYSTEMS),
@@ -134,6 +149,7 @@ def run_throughput(data_dir: Path, opts: dict[str, Any], quick: bool) -> dict[st
             fig[f"ratio_vs_default{sfx}"] = round(seconds["default"] / seconds[name], 4)
             fig[f"cost_vs_plain_prefill{sfx}"] = round(seconds[name] / seconds["plain-prefill"], 4)
             if name in runs:
+                fig[f"prompts_per_query{sfx}"] = round(prompts[name] / len(chosen), 3)
                 fig[f"ndcg@10{sfx}"] = round(ir_metrics(qrels, runs[name], ["ndcg@10"])["ndcg@10"], 4)
         for name in RERANKERS[1:]:
             diffs = [

@@ -221,7 +221,10 @@ def test_throughput_part_times_every_system_on_the_same_queries(data_dir: Path) 
     res = run(args)
     assert res["suite"] == "speed" and res["config"]["probe"]["prompt_order"] == "both"
     systems = res["systems"]
-    assert list(systems) == ["default", "batched", "prefix-reuse", "plain-prefill"]
+    assert list(systems) == ["default", "both-orders", "batched", "prefix-reuse", "plain-prefill"]
+    # The adaptive default reads the second order of a window at most where both-orders always does.
+    assert systems["both-orders"]["prompts_per_query@20"] == 2.0
+    assert 1.0 <= systems["default"]["prompts_per_query@20"] <= 2.0
     default = systems["default"]
     for name, fig in systems.items():
         assert fig["queries@20"] == 2 and "queries@100" not in fig
@@ -237,6 +240,9 @@ def test_throughput_part_times_every_system_on_the_same_queries(data_dir: Path) 
     # The batched and prefix-reusing probes read the same prompts: their scores stay close to the default's.
     for name in ("batched", "prefix-reuse"):
         assert systems[name]["max_abs_score_difference@20"] < 0.5
+    with pytest.raises(ValueError, match="unknown systems"):
+        opts = {"only": "throughput", "systems": "fast"}
+        run(argparse.Namespace(data_dir=data_dir, output=None, quick=True, opts=opts))
     from eval.common import SuiteError
 
     bad = {"only": "throughput", "lengths": "5"}
