@@ -55,6 +55,8 @@ FUSION_ROWS = (
     "fixed",
     "all-signals",
     "agreement",
+    "default-adaptive",
+    "default-first-order",
 )
 
 
