@@ -3,7 +3,6 @@ arbitrary bytes and JSON values, and ``rerank()`` on a tiny random-weight model 
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from typing import Any
@@ -94,10 +93,9 @@ def test_scan_input_reports_every_bad_line_and_never_raises(
     d = tmp_path_factory.mktemp("scan")
     path = d / "in.jsonl"
     path.write_bytes(b"\n".join(x.replace(b"\n", b" ") for x in lines) + b"\n")
-    args = argparse.Namespace(index=None, strict=False, max_line_bytes=1 << 20)
     errors = ErrorLog(path, d / "errors.jsonl")
     try:
-        pending, skipped = scan_input(path, args, set(), errors)
+        pending, skipped = scan_input(path, set(), errors, has_index=False, max_line_bytes=1 << 20)
     finally:
         errors.close()
     assert skipped == 0

@@ -18,7 +18,6 @@ import io
 import logging
 import math
 import os
-import types
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -193,11 +192,11 @@ class QueryReranker:
         _set_worker_env()
         from rerank.core.common import build_pipeline
 
-        self.args = types.SimpleNamespace(
-            index=Path(index_dir) if index_dir else None, max_line_bytes=max_line_bytes, top_k=top_k
-        )
+        self.index = Path(index_dir) if index_dir else None
+        self.max_line_bytes = max_line_bytes
+        self.top_k = top_k
         self.config = config
-        self.pipe = build_pipeline(config, self.args.index)  # a failure is reported by the driver (exit 2)
+        self.pipe = build_pipeline(config, self.index)  # a failure is reported by the driver (exit 2)
 
     def _retrieve(self, todo: list[Any]) -> tuple[dict[str, list[Any]], dict[str, str]]:
         """First-stage candidates of requests without candidates, as the local engine retrieves them."""
@@ -213,10 +212,12 @@ class QueryReranker:
         from rerank.core.inputs import parse_request, read_requests
 
         raw = row.get("raw", row.get("text"))
-        has_index = self.args.index is not None
+        has_index = self.index is not None
         if raw is not None:
             data = raw.encode("utf-8") if isinstance(raw, str) else bytes(raw)
-            reqs = read_requests(io.BytesIO(data), [(line, 0)], self.args)
+            reqs = read_requests(
+                io.BytesIO(data), [(line, 0)], has_index=has_index, max_line_bytes=self.max_line_bytes
+            )
             return reqs[0]
         obj = {k: v for k, v in row.items() if k in ("qid", "query", "candidates") and v is not None}
         return parse_request(_drop_nulls(obj), line, has_index=has_index)
@@ -245,7 +246,7 @@ class QueryReranker:
                 continue
             cands = req.candidates if req.candidates is not None else retrieved[req.qid]
             try:
-                ranked = self.pipe.rerank(Query(qid=req.qid, text=req.text), cands, top_k=self.args.top_k)
+                ranked = self.pipe.rerank(Query(qid=req.qid, text=req.text), cands, top_k=self.top_k)
                 out[i]["result"] = result_line(req.qid, req.text, ranked)
             except Exception as exc:  # one failing row must not end the job; worded as the local engine
                 logger.info("rerank failed for qid %s", req.qid, exc_info=True)

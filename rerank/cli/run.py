@@ -119,7 +119,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         done = recover_output(out)
         writer.reopen()  # recovery may have replaced the file: append to the new one
-        pending, skipped = scan_input(inp, args, done, errors)
+        pending, skipped = scan_input(
+            inp,
+            done,
+            errors,
+            has_index=args.index is not None,
+            max_line_bytes=args.max_line_bytes,
+            strict=args.strict,
+        )
         processed = process(args, cfg, inp, pending, writer, errors, tqdm)
     finally:
         writer.close()
@@ -148,7 +155,7 @@ def _check_output_is_ours(out: Path, inp: Path, args: argparse.Namespace) -> Non
         raise UsageError(f"{out} exists and {where} is not an attn-rerank result; {hint}")
     if not scan.queries:
         return
-    queries = input_queries(inp, args)
+    queries = input_queries(inp, args.max_line_bytes)
     for qid, text in scan.queries.items():
         if qid not in queries:
             raise UsageError(f"{out} holds results for qid {qid!r}, which is not in {inp}; {hint}")
@@ -195,7 +202,12 @@ def _process(
     try:
         with inp.open("rb") as f:
             for start in range(0, len(pending), args.batch_size):
-                batch = read_requests(f, pending[start : start + args.batch_size], args)
+                batch = read_requests(
+                    f,
+                    pending[start : start + args.batch_size],
+                    has_index=args.index is not None,
+                    max_line_bytes=args.max_line_bytes,
+                )
                 retrieved = _retrieve(pipe, batch, cfg.retriever.top_k, errors)
                 for req in batch:
                     if req.candidates is None and req.qid not in retrieved:

@@ -3,7 +3,6 @@ for every bad line."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from collections.abc import Iterator, Sequence
@@ -232,9 +231,15 @@ def _decode(raw: bytes, line: int, has_index: bool) -> Request | None:
 
 
 def scan_input(
-    path: Path, args: argparse.Namespace, done: set[str], errors: ErrorLog
+    path: Path,
+    done: set[str],
+    errors: ErrorLog,
+    *,
+    has_index: bool,
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+    strict: bool = False,
 ) -> tuple[list[tuple[int, int]], int]:
-    """First pass: validate every line.
+    """First pass: validate every line (``has_index``: a request may leave out its candidates).
 
     Returns:
         ``(line number, byte offset)`` of the lines to process, and the number of lines skipped
@@ -246,13 +251,12 @@ def scan_input(
     pending: list[tuple[int, int]] = []
     first_line: dict[str, int] = {}
     skipped = 0
-    has_index = args.index is not None
     with path.open("rb") as f:
-        for line, offset, raw, size in _raw_lines(f, args.max_line_bytes):
+        for line, offset, raw, size in _raw_lines(f, max_line_bytes):
             try:
                 if raw is None:
                     raise LineError(
-                        f"line is {size} bytes, over the --max-line-bytes limit of {args.max_line_bytes}"
+                        f"line is {size} bytes, over the --max-line-bytes limit of {max_line_bytes}"
                     )
                 req = _decode(raw, line, has_index)
                 if req is None:
@@ -261,7 +265,7 @@ def scan_input(
                     raise LineError(f"duplicate qid {req.qid!r} (first on line {first_line[req.qid]})")
             except LineError as exc:
                 errors.report(line, str(exc), raw)
-                if args.strict:
+                if strict:
                     raise StrictAbort(f"{path}:{line}: {exc}") from None
                 continue
             first_line[req.qid] = line
@@ -273,13 +277,17 @@ def scan_input(
 
 
 def read_requests(
-    f: IO[bytes], pending: Sequence[tuple[int, int]], args: argparse.Namespace
+    f: IO[bytes],
+    pending: Sequence[tuple[int, int]],
+    *,
+    has_index: bool,
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
 ) -> list[Request]:
     """Re-read and parse the ``(line number, byte offset)`` lines that the first pass validated."""
     reqs = []
     for line, offset in pending:
         f.seek(offset)
-        req = _decode(f.readline(args.max_line_bytes + 1), line, args.index is not None)
+        req = _decode(f.readline(max_line_bytes + 1), line, has_index)
         if req is None:
             raise RuntimeError(f"line {line} changed while the run was reading the input")
         reqs.append(req)
@@ -288,11 +296,11 @@ def read_requests(
 
 
 
-def input_queries(path: Path, args: argparse.Namespace) -> dict[str, str]:
+def input_queries(path: Path, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> dict[str, str]:
     """qid -> query text of every valid line of the input (bad lines are left out, not reported)."""
     queries: dict[str, str] = {}
     with path.open("rb") as f:
-        for line, _offset, raw, _size in _raw_lines(f, args.max_line_bytes):
+        for line, _offset, raw, _size in _raw_lines(f, max_line_bytes):
             if raw is None:
                 continue
             try:
