@@ -51,7 +51,7 @@ from eval.common import (
     per_query_metric,
     with_passage_tokens,
 )
-from eval.shortlists import _bins, _nq_sweep, _scifact
+from eval.shortlists import bin_spread, nq_sweep, scifact_runs
 
 CF = {"calibration": {"name": "content-free", "curve": None}}
 # name -> (reference system, probe settings, other overrides)
@@ -114,7 +114,7 @@ def run(args: Namespace) -> dict[str, Any]:
         rr.engine.memo = memo
         prompts: list[int] = []
         bar = tqdm(sf_queries, desc=f"{name}: scifact", unit="query", disable=quick)
-        runs[name] = _scifact(rr, bar, depth, prompts)
+        runs[name] = scifact_runs(rr, bar, depth, prompts)
         row: dict[str, Any] = {
             "settings": {**probe_upd, **({"calibration": other["calibration"]} if other else {})},
             "prompts_per_query": sum(prompts) / max(len(prompts), 1),
@@ -129,10 +129,10 @@ def run(args: Namespace) -> dict[str, Any]:
             )
             alone.engine.memo = memo
             bar = tqdm(items, desc=f"{name}: nq sweep", unit="question", disable=quick)
-            hits, _ = _nq_sweep(alone, bar, nq_len)
+            hits, _ = nq_sweep(alone, bar, nq_len)
             per_slot = hits.mean(axis=0)
             row[f"nq_dev_recall@1@{nq_len}"] = float(per_slot.mean())
-            row[f"nq_dev_bin_spread@{nq_len}"] = _bins(per_slot)
+            row[f"nq_dev_bin_spread@{nq_len}"] = bin_spread(per_slot)
             row[f"nq_dev_per_slot@{nq_len}"] = [round(float(x), 4) for x in per_slot]
         systems[name] = row
         if getattr(args, "output", None):

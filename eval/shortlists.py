@@ -55,14 +55,14 @@ from eval.common import (
 VARIANTS = {"default": {}, "rotations": {"rotations_up_to": 5}, "candidate": {}}
 
 
-def _bins(per_slot: np.ndarray, bins: int = 5) -> float:
+def bin_spread(per_slot: np.ndarray, bins: int = 5) -> float:
     """Max minus min of recall@1 over up to ``bins`` contiguous slot bins (the sweep's bin spread)."""
     groups = np.array_split(per_slot, min(bins, len(per_slot)))
     means = [g.mean() for g in groups if len(g)]
     return float(max(means) - min(means))
 
 
-def _nq_sweep(rr: Any, items: list[Any], n: int) -> tuple[np.ndarray, int]:
+def nq_sweep(rr: Any, items: list[Any], n: int) -> tuple[np.ndarray, int]:
     """(questions, gold slot) gold-is-top hits of ``rr`` over ``n``-passage lists, and prefills per list."""
     hits = np.zeros((len(items), n))
     prefills = 0
@@ -115,7 +115,7 @@ def _dl19_rotations(rr: Any, queries: list[dict[str, Any]], qrels: dict, k: int 
     }
 
 
-def _scifact(
+def scifact_runs(
     rr: Any, queries: Iterable[dict[str, Any]], depth: int, prompts: list[int] | None = None
 ) -> tuple[dict, dict]:
     """Runs ``{qid: {doc: score}}`` of ``rr`` over each query's top ``depth``: fused (as configured)
@@ -199,16 +199,16 @@ def run(args: Namespace) -> dict[str, Any]:
         rr = AttentionReranker(model, probe, cal)
         row: dict[str, Any] = {}
         for n in lengths:
-            hits, prefills = _nq_sweep(rr, items, n)
+            hits, prefills = nq_sweep(rr, items, n)
             per_slot = hits.mean(axis=0)
             row[f"recall@1@{n}"] = float(per_slot.mean())
-            row[f"bin_spread@{n}"] = _bins(per_slot)
+            row[f"bin_spread@{n}"] = bin_spread(per_slot)
             row[f"per_slot@{n}"] = [round(float(x), 4) for x in per_slot]
             row[f"prefills_per_list@{n}"] = float(prefills)
         row.update({f"dl19_{k}": v for k, v in _dl19_rotations(rr, queries, qrels).items()})
         if sf_queries:
             shipped = cfg.probe.model_copy(update=VARIANTS[name])
-            sf_runs[name] = _scifact(AttentionReranker(model, shipped, cal), sf_queries, sf_depth)
+            sf_runs[name] = scifact_runs(AttentionReranker(model, shipped, cal), sf_queries, sf_depth)
             for label, r in zip(("", "_unfused"), sf_runs[name], strict=True):
                 row[f"scifact_ndcg@10{label}"] = ir_metrics(sf_qrels, r, ["ndcg@10"])["ndcg@10"]
         systems[name] = row
@@ -231,7 +231,7 @@ def run(args: Namespace) -> dict[str, Any]:
     for n in lengths:
         per_slot = _in_list_bm25_sweep(items, n).mean(axis=0)
         bm[f"recall@1@{n}"] = float(per_slot.mean())
-        bm[f"bin_spread@{n}"] = _bins(per_slot)
+        bm[f"bin_spread@{n}"] = bin_spread(per_slot)
     systems["in-list-bm25"] = bm
     bm_run = {q["qid"]: {p.id: float(5 - i) for i, p in enumerate(q["passages"][:5])} for q in queries}
     systems["bm25"] = {"dl19_ndcg@5": ir_metrics(qrels, bm_run, ["ndcg@5"])["ndcg@5"]}
