@@ -105,6 +105,31 @@ def test_no_import_cycles_among_product_modules():
     assert _cycles(graph) == []
 
 
+def _unit(name: str) -> str:
+    """The layer a module belongs to (docs/layout.md): ``rerank.<subpackage or top module>``,
+    ``retrievers`` or ``calibration``."""
+    parts = name.split(".")
+    return ".".join(parts[:2]) if parts[0] == "rerank" else parts[0]
+
+
+def test_no_import_cycles_between_packages():
+    """Front ends import the core downward and never each other: no two layers import each other, even
+    through function-level imports. ``rerank`` itself (the public facade: ``Pipeline``, the records) is
+    not a layer; importing it is importing what it re-exports."""
+    graph: dict[str, set[str]] = {}
+    for n, deps in _graph().items():
+        graph.setdefault(_unit(n), set()).update(
+            _unit(d) for d in deps if _unit(d) not in (_unit(n), "rerank")
+        )
+    graph.pop("rerank", None)
+    assert _cycles(graph) == []
+
+
+def test_product_modules_stay_under_600_lines():
+    lines = {n: len(p.read_text(encoding="utf-8").splitlines()) for n, p in _modules().items()}
+    assert {n: c for n, c in lines.items() if c > 600} == {}
+
+
 def test_retrievers_and_calibration_import_nothing_from_rerank():
     for n, deps in _graph().items():
         if n.split(".")[0] in ("retrievers", "calibration"):
