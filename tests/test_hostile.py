@@ -253,11 +253,24 @@ def test_without_scores_the_readme_example_does_not_rank_by_the_given_order(smol
     # when the rank stood in for a score). The two plays' passages are close: the probe alone puts
     # Marlowe's "wrote" a hair above Hamlet's "written by".
     assert ranked.ids[-1] == "p2" and "p1" in ranked.ids[:2]
-    # No rank signal: the same passages given in the reverse order get the same scores.
+    # No rank signal: the same passages given in the reverse order rank the same.
     backwards = smol_pipe.rerank("Who wrote Hamlet?", HAMLET[::-1])
     assert backwards.ids == ranked.ids
+    # Reading both prompt orders, the reversed input is read in the same two prompts: the same scores.
+    # (The adaptive default may read one order only, whose prompt then depends on the input's order.)
+    from rerank.pipeline import Pipeline
+
+    cfg = smol_pipe.config
+    both = Pipeline(
+        cfg.model_copy(update={"probe": cfg.probe.model_copy(update={"second_order": "always"})}),
+        model=smol_pipe.reranker.model,
+    )
+    forward = both.rerank("Who wrote Hamlet?", HAMLET)
+    backward = both.rerank("Who wrote Hamlet?", HAMLET[::-1])
+    assert forward.info["prompts"] == backward.info["prompts"] == 2
+    assert backward.ids == forward.ids
     np.testing.assert_allclose(
-        [it.score for it in backwards.items], [it.score for it in ranked.items], atol=1e-5
+        [it.score for it in backward.items], [it.score for it in forward.items], atol=1e-5
     )
 
 
