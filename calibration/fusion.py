@@ -318,7 +318,7 @@ def fit_fusion(
 def ndcg_at(scores: np.ndarray, labels: np.ndarray, k: int = 10) -> float:
     """nDCG@k of one list ranked by ``scores`` (ties by position), exponential gain as in trec_eval's
     graded runs is not used: gain = label, as ``ir_measures`` nDCG does."""
-    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:k]
+    order = ranked(scores)[:k]
     disc = 1.0 / np.log2(np.arange(2, k + 2))
     dcg = float(sum(labels[i] * disc[r] for r, i in enumerate(order)))
     ideal = np.sort(np.asarray(labels, dtype=np.float64))[::-1][:k]

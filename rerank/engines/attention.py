@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from calibration.curve import MATCH_KEYS, BiasCurve, pick_compatible
-from calibration.fusion import SIGNALS, cut_margin, fuse, standardise
+from calibration.fusion import SIGNALS, cut_margin, fuse, ranked, standardise
 from rerank.config import CalibrationConfig, PipelineConfig, ProbeConfig
 from rerank.engines.base import (
     PROBE_ENGINES,
@@ -280,16 +280,13 @@ class AttentionReranker(BatchReranker):
         when it returns True (the adaptive rule)."""
         n = len(passages)
         orders = window_orders(n, self.cfg)
+        pos = [int(x) for x in to_candidate_order(np.arange(n), orders[0])]
         if more is not None and orders == prompt_orders(self.cfg) and len(orders) == 2:
-            first = self._read_orders(query, passages, orders[:1])
-            if not more(first[1][0]):
-                raw_s, cal_s = first
-                pos = [int(x) for x in to_candidate_order(np.arange(n), orders[0])]
-                return raw_s[0], cal_s[0], pos, 1
-            rest = self._read_orders(query, passages, orders[1:])
-            pos = [int(x) for x in to_candidate_order(np.arange(n), orders[0])]
-            raws, cals = first[0] + rest[0], first[1] + rest[1]
-            return np.mean(raws, axis=0), merge_orders(cals), pos, 2
+            raws, cals = self._read_orders(query, passages, orders[:1])
+            if more(cals[0]):
+                r, c = self._read_orders(query, passages, orders[1:])
+                raws, cals = raws + r, cals + c
+            return np.mean(raws, axis=0), merge_orders(cals), pos, len(cals)
         extras = sum(o.startswith("shuffle") for o in orders)
         early = self.cfg.orders_early_exit and extras > 0
         raws: list[np.ndarray] = []
@@ -310,7 +307,6 @@ class AttentionReranker(BatchReranker):
                 if now == top:
                     break
                 top = now
-        pos = [int(x) for x in to_candidate_order(np.arange(n), orders[0])]
         return np.mean(raws, axis=0), merge_orders(cals), pos, len(cals)
 
     def _read_orders(
@@ -471,7 +467,7 @@ class AttentionReranker(BatchReranker):
             if weights.get("probe", 0) != 0:
                 if self.cfg.cascade and n > self.cfg.window_size:
                     # The cheap order picks the window; the probe reads it best first, as a first stage.
-                    top = sorted(range(n), key=lambda i: (-final[i], i))[: self.cfg.window_size]
+                    top = ranked(final)[: self.cfg.window_size]
                 else:
                     top = list(range(n))
                 rule = self.second_order_rule(weights, top_k)
@@ -513,7 +509,7 @@ class AttentionReranker(BatchReranker):
             }
             info["first_stage"] = self.cfg.first_stage if "first_stage" in used else "none"
             info["weights"] = used
-        order = sorted(range(n), key=lambda i: (-final[i], i))
+        order = ranked(final)
         items = tuple(
             ScoredPassage(
                 passage=ps[i],
